@@ -1,0 +1,19 @@
+"""rayms: multi-model serving on Ray Serve.
+
+One application serves many models by name over KServe V1 and the Open Inference Protocol V2. Models
+are added at run time (repository API, ``rayms`` CLI, Kubernetes TrainedModels, or Python) and live on
+multiplexed replicas that load and evict them by memory.
+"""
+
+from rayms.config import ModelSpec, Settings
+
+__all__ = ["ModelSpec", "Settings", "build_app"]
+
+
+def __getattr__(name: str):
+    # Importing rayms must stay cheap (the CLI's HTTP commands do not need Ray).
+    if name == "build_app":
+        from rayms.app import build_app
+
+        return build_app
+    raise AttributeError(name)

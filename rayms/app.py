@@ -1,0 +1,128 @@
+"""Composition root: settings in, a Serve application out.
+
+``build_app(...)`` wires three deployments: the Registry (one replica, the source of truth), the model
+replicas, and the Router (ingress). It is usable with ``serve.run`` and from a Serve config file
+(``import_path: rayms.app:app_builder``, whose ``args`` are :class:`~rayms.config.Settings` fields).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from rayms.config import ModelSpec, Settings
+from rayms.errors import RaymsError
+from rayms.registry import ModelRegistry
+from rayms.replica import REGISTRY, REPLICA, ModelReplica
+from rayms.repository import read_models_file, scan_repository
+from rayms.router import Router
+from rayms.statestore import StateStore
+
+logger = logging.getLogger("rayms.app")
+
+
+class HandlePlacer:
+    """The registry's :class:`~rayms.registry.Placer` over Serve handles to the model replicas."""
+
+    def __init__(self, app_name: str) -> None:
+        self._app_name = app_name
+        self._handle = None
+
+    @property
+    def models(self):
+        if self._handle is None:
+            self._handle = serve.get_deployment_handle(REPLICA, self._app_name)
+        return self._handle
+
+    async def load(self, name: str, spec: ModelSpec, version: int) -> dict[str, Any]:
+        wire = spec.to_wire() | {"parameters": spec.parameters}
+        return await self.models.options(multiplexed_model_id=name).load.remote(name, wire, version)
+
+    async def unload(self, name: str, spec: ModelSpec) -> None:
+        wire = spec.to_wire() | {"parameters": spec.parameters}
+        await self.models.broadcast("unload", name, wire).results_async()
+
+
+class Registry:
+    """Serve deployment around :class:`~rayms.registry.ModelRegistry` (exactly one replica)."""
+
+    async def __init__(self, settings: dict[str, Any]) -> None:
+        self._settings = Settings(**settings)
+        store = StateStore(self._settings.resolved_state_uri())
+        first_start = not store.read()
+        self._registry = ModelRegistry(self._settings, store=store, placer=HandlePlacer(self._app_name()))
+        await self._registry.restore()
+        if first_start:
+            # Seed from the models file / repository folder only once: afterwards the persisted desired
+            # set is the truth, so a model unloaded by a user does not come back on restart.
+            for name, spec, source in _seed_models(self._settings):
+                try:
+                    await self._registry.register(name, spec, source)
+                except RaymsError as exc:
+                    logger.error("model %s: not registered from %s: %s", name, source, exc)
+
+    @staticmethod
+    def _app_name() -> str:
+        return serve.get_replica_context().app_name
+
+    async def register(self, name: str, spec: dict[str, Any], source: str = "repository") -> dict[str, Any]:
+        return await self._registry.register(name, spec, source)
+
+    async def unregister(self, name: str, source: str | None = None) -> None:
+        await self._registry.unregister(name, source)
+
+    async def get(self, name: str) -> dict[str, Any]:
+        return self._registry.get(name)
+
+    async def list(self, source: str | None = None) -> list[dict[str, Any]]:
+        return self._registry.list(source)
+
+    async def watch(self, epoch: str | None, since: int, timeout_s: float = 30.0) -> dict[str, Any]:
+        return await self._registry.watch(epoch, since, timeout_s)
+
+    async def wait_settled(self, name: str, timeout_s: float) -> dict[str, Any]:
+        return await self._registry.wait_settled(name, timeout_s)
+
+    async def report(self, name: str, version: int, state: str, reason: str = "") -> None:
+        await self._registry.report(name, version, state, reason)
+
+    async def report_residency(self, replica: str, loaded: list[str], evicted: list[str]) -> None:
+        await self._registry.report_residency(replica, loaded, evicted)
+
+
+def _seed_models(settings: Settings) -> list[tuple[str, ModelSpec, str]]:
+    seeds: list[tuple[str, ModelSpec, str]] = []
+    if settings.model_repository:
+        seeds += [(n, s, "repository-folder") for n, s in scan_repository(settings.model_repository).items()]
+    if settings.models_file:
+        seeds += [(n, s, "models-file") for n, s in read_models_file(settings.models_file).items()]
+    return seeds
+
+
+def build_app(settings: Settings | None = None, **overrides: Any) -> Application:
+    """The rayms Serve application. ``overrides`` are :class:`~rayms.config.Settings` fields."""
+    settings = (settings or Settings()).model_copy(update=overrides) if overrides else (settings or Settings())
+    payload = settings.model_dump()
+    quiet = {"enable_access_log": False}
+    registry = serve.deployment(
+        Registry, name=REGISTRY, num_replicas=1, max_ongoing_requests=100_000,
+        ray_actor_options={"num_cpus": 0}, logging_config=quiet,
+    ).bind(payload)
+    replicas = serve.deployment(
+        ModelReplica, name=REPLICA, num_replicas=settings.num_replicas,
+        max_ongoing_requests=settings.max_ongoing_requests,
+        ray_actor_options={"num_cpus": settings.replica_num_cpus}, logging_config=quiet,
+    ).bind(payload)
+    # The Router receives both handles, which puts all three deployments in one application graph.
+    return serve.deployment(
+        Router, name="Router", num_replicas=1, max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": 0}, logging_config=quiet,
+    ).bind(payload, registry, replicas)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point for Serve config files: ``import_path: rayms.app:app_builder``."""
+    return build_app(Settings(**(args or {})))

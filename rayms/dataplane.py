@@ -1,0 +1,154 @@
+"""The transport-neutral data plane: every operation the HTTP routes and the Python handle expose.
+
+Routes in :mod:`rayms.router` only translate HTTP to these calls and back; notebooks call the same
+methods through ``serve.get_app_handle("rayms")``. Existence and readiness come from the local
+:class:`~rayms.view.RegistryView`, so an unknown or unready model is answered here without a round-trip;
+only requests for registered models travel to a replica.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Protocol
+
+from rayms.codecs import InferRequest, InferResult
+from rayms.config import ModelSpec, Settings, validate_model_name
+from rayms.errors import InvalidSpec, ModelNotFound, ModelNotReady, RaymsError
+from rayms.view import RegistryView
+
+EXTENSIONS = ["model_repository", "binary_tensor_data", "parameters"]
+LOAD_TIMEOUT_S = 600.0
+
+
+class Backend(Protocol):
+    """What the data plane needs from the rest of the system (Ray handles in production)."""
+
+    async def infer(self, name: str, request: InferRequest) -> InferResult: ...
+    async def metadata(self, name: str) -> dict[str, Any]: ...
+    async def register(self, name: str, spec: dict[str, Any], source: str) -> dict[str, Any]: ...
+    async def unregister(self, name: str) -> None: ...
+    async def wait_settled(self, name: str, timeout_s: float) -> dict[str, Any]: ...
+    async def replicas(self) -> list[dict[str, Any]]: ...
+
+
+def server_version() -> str:
+    try:
+        return version("rayms")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+class DataPlane:
+    def __init__(self, settings: Settings, *, view: RegistryView, backend: Backend) -> None:
+        self._settings = settings
+        self._view = view
+        self._backend = backend
+
+    # ---------------------------------------------------------------- server
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self._view.synced.is_set()
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "rayms", "version": server_version(), "extensions": EXTENSIONS}
+
+    # ---------------------------------------------------------------- models
+    def status(self, name: str, model_version: str | None = None) -> dict[str, Any]:
+        """The registry's status of ``name``; 404 when unknown or when ``model_version`` is not current."""
+        status = self._view.models.get(name)
+        if status is None:
+            raise ModelNotFound(name)
+        if model_version is not None and model_version != status["version"]:
+            raise ModelNotFound(name, model_version)
+        return status
+
+    def model_ready(self, name: str, model_version: str | None = None) -> bool:
+        return self.status(name, model_version)["state"] == "READY"
+
+    def list_models(self) -> list[str]:
+        return sorted(self._view.models)
+
+    async def model_metadata(self, name: str, model_version: str | None = None) -> dict[str, Any]:
+        status = self.status(name, model_version)
+        metadata = status.get("metadata") or {}
+        if not metadata and status["state"] == "READY":
+            metadata = await self._backend.metadata(name)
+        return {
+            "name": name,
+            "versions": [status["version"]],
+            "platform": _platform(status["framework"]),
+            "inputs": metadata.get("inputs", []),
+            "outputs": metadata.get("outputs", []),
+            "properties": {"framework": status["framework"], "state": status["state"]},
+        }
+
+    def _servable(self, name: str, model_version: str | None) -> dict[str, Any]:
+        status = self.status(name, model_version)
+        # READY models serve even when evicted from every replica (they reload on demand).
+        if status["state"] != "READY":
+            raise ModelNotReady(name, status["state"], status.get("reason", ""))
+        return status
+
+    async def infer(self, name: str, request: InferRequest, model_version: str | None = None) -> tuple[str, InferResult]:
+        """Run V2 inference; returns the version that answered and the result."""
+        status = self._servable(name, model_version)
+        return status["version"], await self._backend.infer(name, request)
+
+    # ---------------------------------------------------------------- repository
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        items = []
+        for name in sorted(self._view.models):
+            status = self._view.models[name]
+            if ready_only and status["state"] != "READY":
+                continue
+            items.append({k: v for k, v in status.items() if k not in ("spec", "metadata")})
+        return items
+
+    async def load(self, name: str, body: dict[str, Any] | None, *, source: str = "repository") -> dict[str, Any]:
+        """Register ``name`` and wait until it is READY (200) or FAILED (error), like Triton's load."""
+        validate_model_name(name)
+        spec = self._spec_for(name, body)
+        await self._backend.register(name, spec.to_wire() | {"parameters": spec.parameters}, source)
+        status = await self._backend.wait_settled(name, LOAD_TIMEOUT_S)
+        if status["state"] == "FAILED":
+            raise ModelLoadFailed(f"model {name} failed to load: {status['reason']}")
+        return status
+
+    async def unload(self, name: str) -> None:
+        validate_model_name(name)
+        if name not in self._view.models:
+            await self._view.refresh()
+        if name not in self._view.models:
+            raise ModelNotFound(name)
+        await self._backend.unregister(name)
+        await self._view.refresh()
+
+    def _spec_for(self, name: str, body: dict[str, Any] | None) -> ModelSpec:
+        body = {k: v for k, v in (body or {}).items() if v is not None}
+        if "storageUri" in body or "storage_uri" in body:
+            return ModelSpec.parse(body, name=name)
+        if set(body) - {"parameters"}:
+            raise InvalidSpec(f"model {name}: a load body needs storageUri and framework (a TrainedModel's spec.model)")
+        # No spec given: the model of that name in the configured repository folder.
+        from rayms.repository import spec_from_repository
+
+        spec = spec_from_repository(self._settings.model_repository, name)
+        if spec is None:
+            raise ModelNotFound(name)
+        return spec
+
+    async def replicas(self) -> list[dict[str, Any]]:
+        return await self._backend.replicas()
+
+
+class ModelLoadFailed(RaymsError):
+    """A repository load ended FAILED. The repository extension answers load failures with 400."""
+
+    status_code = 400
+
+
+def _platform(framework: str) -> str:
+    return {"onnx": "onnx_onnxv1"}.get(framework, f"{framework}_{framework}")
+

@@ -1,0 +1,173 @@
+"""One replica's set of loaded models: an LRU bounded by a model count and a memory budget.
+
+Ray Serve's own multiplexing counts models and takes one lock per replica, so one slow load stalls every
+other load and a failed load still evicts a model. This cache locks per model, charges each model its
+declared memory (or its measured size when it declared none), evicts least-recently-used models until the
+new one fits, and keeps serving the old version of a model while a new version loads.
+
+Plain asyncio; the replica deployment (:mod:`rayms.replica`) wires it to Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rayms.config import ModelSpec
+from rayms.errors import MemoryUnavailable
+
+logger = logging.getLogger("rayms.replica")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: int
+    spec: ModelSpec
+    runtime: Any
+    charged_bytes: int
+    measured_bytes: int
+    load_time_s: float
+
+
+LoadFn = Callable[[str, ModelSpec, int], Awaitable[tuple[Any, int]]]
+ChangeFn = Callable[[list[str], list[str]], None]
+
+
+class ModelCache:
+    """LRU of :class:`LoadedModel` with per-model load locks.
+
+    ``load_fn(name, spec, version)`` returns ``(runtime, measured_bytes)``; ``on_change(loaded, evicted)``
+    is told whenever the resident set changes (the replica reports it for routing and the index).
+    """
+
+    def __init__(self, *, max_models: int, budget_bytes: int, load_fn: LoadFn, on_change: ChangeFn) -> None:
+        self.max_models = max_models
+        self.budget_bytes = budget_bytes
+        self._load_fn = load_fn
+        self._on_change = on_change
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._loading: set[str] = set()
+        self.evictions = 0
+
+    # ---------------------------------------------------------------- reading
+    def peek(self, name: str) -> LoadedModel | None:
+        return self._models.get(name)
+
+    def resident(self) -> dict[str, dict[str, Any]]:
+        return {
+            n: {"version": m.version, "charged_bytes": m.charged_bytes, "measured_bytes": m.measured_bytes}
+            for n, m in self._models.items()
+        }
+
+    def names_loaded_or_loading(self) -> list[str]:
+        return list(self._models.keys() | self._loading)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(m.charged_bytes for m in self._models.values())
+
+    # ---------------------------------------------------------------- getting
+    async def get(self, name: str, spec: ModelSpec, version: int) -> LoadedModel:
+        """Return the loaded model, loading it on a miss.
+
+        An older version that is still resident keeps answering while the newer one loads in the
+        background, so a spec change never fails a request.
+        """
+        model = self._models.get(name)
+        if model is not None:
+            self._models.move_to_end(name)
+            if model.version >= version:
+                return model
+            self._refresh_in_background(name, spec, version)
+            return model
+        return await self.load(name, spec, version)
+
+    async def load(self, name: str, spec: ModelSpec, version: int) -> LoadedModel:
+        """Load ``name`` at ``version`` unless that version (or a newer one) is already resident."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        self._loading.add(name)
+        try:
+            async with lock:
+                model = self._models.get(name)
+                if model is not None and model.version >= version:
+                    self._models.move_to_end(name)
+                    return model
+                declared = spec.memory_bytes
+                if declared > self.budget_bytes:
+                    raise MemoryUnavailable(
+                        f"model {name}: declared memory {declared} bytes exceeds this replica's "
+                        f"model-memory budget of {self.budget_bytes} bytes")
+                # Make room for the declared size before loading, so memory never exceeds the budget.
+                self._evict_for(incoming=declared, keep=name)
+                started = time.monotonic()
+                runtime, measured = await self._load_fn(name, spec, version)
+                charged = declared or measured
+                loaded = LoadedModel(
+                    name=name, version=version, spec=spec, runtime=runtime, charged_bytes=charged,
+                    measured_bytes=measured, load_time_s=time.monotonic() - started)
+                # Load the new version before dropping the old one: the swap is one dict assignment.
+                self._models[name] = loaded
+                self._models.move_to_end(name)
+                evicted = self._evict_for(incoming=0, keep=name)
+                self._on_change([name], evicted)
+                return loaded
+        finally:
+            if not lock.locked():
+                self._loading.discard(name)
+                if not lock._waiters:  # noqa: SLF001 - drop idle locks so the dict does not grow forever
+                    self._locks.pop(name, None)
+
+    def _refresh_in_background(self, name: str, spec: ModelSpec, version: int) -> None:
+        if name in self._loading:
+            return
+
+        async def refresh() -> None:
+            try:
+                await self.load(name, spec, version)
+            except Exception as exc:  # the old version keeps serving; the registry reports the failure
+                logger.warning("model %s: background reload to version %d failed: %s", name, version, exc)
+
+        asyncio.get_running_loop().create_task(refresh())
+
+    # ---------------------------------------------------------------- dropping
+    def _evict_for(self, *, incoming: int, keep: str) -> list[str]:
+        evicted: list[str] = []
+        count_limit = self.max_models - (1 if keep not in self._models else 0)
+        while self._models and (
+            len(self._models) > count_limit or self.used_bytes + incoming > self.budget_bytes
+        ):
+            victim = next((n for n in self._models if n != keep), None)
+            if victim is None:
+                break
+            self._drop(victim)
+            evicted.append(victim)
+            self.evictions += 1
+            logger.info("model %s: evicted (least recently used)", victim)
+        if evicted and incoming:
+            self._on_change([], evicted)
+            return []
+        return evicted
+
+    def _drop(self, name: str) -> None:
+        model = self._models.pop(name)
+        close = getattr(model.runtime, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception as exc:
+                logger.warning("model %s: close failed: %s", name, exc)
+
+    def unload(self, name: str) -> bool:
+        """Drop ``name`` from memory; True when it was resident."""
+        if name not in self._models:
+            return False
+        self._drop(name)
+        self._on_change([], [name])
+        return True

@@ -1,0 +1,318 @@
+"""The router: the FastAPI ingress deployment that speaks KServe V1 and the Open Inference Protocol V2.
+
+Routes only translate HTTP to :class:`~rayms.dataplane.DataPlane` calls and back; each protocol's route
+table is one function. Every error leaves as ``{"error": "..."}`` with the status its
+:class:`~rayms.errors.RaymsError` carries; FastAPI's own ``{"detail": ...}`` bodies never do.
+
+The same deployment is the Python entry point: ``serve.get_app_handle("rayms")`` exposes ``infer``,
+``predict``, ``load``, ``unload``, ``list_models`` and ``replicas`` taking plain Python and numpy values.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rayms.codecs import (
+    InferRequest,
+    InferResult,
+    RequestedOutput,
+    Tensor,
+    datatype_of,
+    decode_v1_request,
+    decode_v2_request,
+    encode_v1_response,
+    encode_v2_response,
+)
+from rayms.config import Settings
+from rayms.dataplane import DataPlane
+from rayms.errors import InvalidInput, Overloaded, PayloadTooLarge, RaymsError
+from rayms.view import RegistryView
+
+logger = logging.getLogger("rayms.router")
+
+JSON = "application/json"
+
+
+# ------------------------------------------------------------------------------------------ errors
+def as_rayms_error(exc: BaseException) -> RaymsError:
+    """Map anything raised while serving to the error the client should see."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, RaymsError):
+        return cause
+    if isinstance(exc, RaymsError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return Overloaded("too many requests in flight; retry shortly")
+    if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError)):
+        return Overloaded("a model replica is restarting; retry shortly")
+    if isinstance(exc, RequestValidationError):
+        return InvalidInput("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    return RaymsError(f"internal error: {exc.__class__.__name__}: {exc}")
+
+
+def error_response(exc: BaseException) -> Response:
+    if isinstance(exc, StarletteHTTPException):
+        return Response(orjson.dumps({"error": str(exc.detail)}), status_code=exc.status_code, media_type=JSON)
+    error = as_rayms_error(exc)
+    if error.status_code >= 500 and not isinstance(error, Overloaded):
+        logger.error("request failed: %s", error, exc_info=exc)
+    headers = {"retry-after": "1"} if error.status_code == 503 else None
+    return Response(orjson.dumps({"error": str(error)}), status_code=error.status_code, media_type=JSON,
+                    headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json(content: Any, status_code: int = 200) -> Response:
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status_code,
+                    media_type=JSON)
+
+
+def _parse_json_object(body: bytes, what: str) -> dict[str, Any]:
+    if not body.strip():
+        return {}
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"{what}: body is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what}: body must be a JSON object")
+    return value
+
+
+# ------------------------------------------------------------------------------------------ route tables
+def add_v1_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
+    """KServe V1: list, readiness, ``:predict``."""
+
+    @api.get("/")
+    async def root() -> Response:
+        return _json({"status": "alive"})
+
+    @api.get("/v1/models")
+    async def v1_models() -> Response:
+        return _json({"models": plane.list_models()})
+
+    @api.get("/v1/models/{name}")
+    async def v1_model_ready(name: str) -> Response:
+        ready = plane.model_ready(name)
+        if not ready:
+            status = plane.status(name)
+            return _json({"name": name, "ready": False,
+                          "error": f"Model {name} is not ready (state {status['state']})"}, status_code=503)
+        return _json({"name": name, "ready": True})
+
+    @api.post("/v1/models/{name}:predict")
+    async def v1_predict(name: str, request: Request) -> Response:
+        instances, parameters = decode_v1_request(await read_body(request, limit))
+        tensor = Tensor(name="input-0", datatype=datatype_of(instances), shape=list(instances.shape),
+                        data=instances, parameters={})
+        _, result = await plane.infer(name, InferRequest(id=None, inputs=[tensor], outputs=[], parameters=parameters))
+        return Response(encode_v1_response(_first_output(result)), media_type=JSON)
+
+
+def add_v2_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
+    """Open Inference Protocol V2: health, metadata, readiness, inference (JSON and binary tensors)."""
+
+    @api.get("/v2/health/live")
+    async def live() -> Response:
+        return _json({"live": plane.live()})
+
+    @api.get("/v2/health/ready")
+    async def ready() -> Response:
+        if plane.ready():
+            return _json({"ready": True})
+        return _json({"ready": False, "error": "model registry not reachable yet"}, status_code=503)
+
+    @api.get("/v2")
+    @api.get("/v2/")
+    async def server_metadata() -> Response:
+        return _json(plane.server_metadata())
+
+    @api.get("/v2/models")
+    async def models() -> Response:
+        return _json({"models": plane.list_models()})
+
+    @api.get("/v2/models/{name}")
+    @api.get("/v2/models/{name}/versions/{model_version}")
+    async def model_metadata(name: str, model_version: str | None = None) -> Response:
+        return _json(await plane.model_metadata(name, model_version))
+
+    @api.get("/v2/models/{name}/ready")
+    @api.get("/v2/models/{name}/versions/{model_version}/ready")
+    async def model_ready(name: str, model_version: str | None = None) -> Response:
+        if plane.model_ready(name, model_version):
+            return _json({"name": name, "ready": True})
+        state = plane.status(name, model_version)["state"]
+        return _json({"name": name, "ready": False, "error": f"Model {name} is not ready (state {state})"},
+                     status_code=503)
+
+    @api.post("/v2/models/{name}/infer")
+    @api.post("/v2/models/{name}/versions/{model_version}/infer")
+    async def infer(name: str, request: Request, model_version: str | None = None) -> Response:
+        header_length = request.headers.get("inference-header-content-length")
+        try:
+            header_length_int = int(header_length) if header_length is not None else None
+        except ValueError as exc:
+            raise InvalidInput(f"Inference-Header-Content-Length {header_length!r} is not an integer") from exc
+        infer_request = decode_v2_request(await read_body(request, limit), header_length_int)
+        answered, result = await plane.infer(name, infer_request, model_version)
+        body, headers = encode_v2_response(model_name=name, model_version=answered, request=infer_request,
+                                           result=result)
+        return Response(body, headers=headers)
+
+
+def add_repository_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
+    """The V2 model repository extension, plus a view of what each replica holds."""
+
+    @api.post("/v2/repository/index")
+    @api.get("/v2/repository/index")
+    async def index(request: Request) -> Response:
+        body = _parse_json_object(await read_body(request, limit), "repository index")
+        return _json(plane.repository_index(ready_only=bool(body.get("ready", False))))
+
+    @api.post("/v2/repository/models/{name}/load")
+    async def load(name: str, request: Request) -> Response:
+        body = _parse_json_object(await read_body(request, limit), f"load {name}")
+        status = await plane.load(name, body or None)
+        return _json({"name": name, "load": True, "state": status["state"], "version": status["version"]})
+
+    @api.post("/v2/repository/models/{name}/unload")
+    async def unload(name: str, request: Request) -> Response:
+        await read_body(request, limit)
+        await plane.unload(name)
+        return _json({"name": name, "unload": True})
+
+    @api.get("/v2/repository/replicas")
+    async def replicas() -> Response:
+        return _json(await plane.replicas())
+
+
+def build_api(plane: DataPlane, settings: Settings) -> FastAPI:
+    api = FastAPI(title="rayms", version=plane.server_metadata()["version"], docs_url="/docs", redoc_url=None)
+    api.add_exception_handler(Exception, lambda _request, exc: error_response(exc))
+    api.add_exception_handler(StarletteHTTPException, lambda _request, exc: error_response(exc))
+    api.add_exception_handler(RequestValidationError, lambda _request, exc: error_response(exc))
+    limit = settings.max_request_bytes
+    add_v1_routes(api, plane, limit)
+    add_v2_routes(api, plane, limit)
+    add_repository_routes(api, plane, limit)
+
+    @api.middleware("http")
+    async def errors_as_json(request: Request, call_next):  # RaymsError raised in routes
+        try:
+            return await call_next(request)
+        except Exception as exc:
+            return error_response(exc)
+
+    return api
+
+
+def _first_output(result: InferResult) -> np.ndarray:
+    for tensor in result.outputs:
+        if tensor.name == "predict":
+            return tensor.data
+    return result.outputs[0].data
+
+
+# ------------------------------------------------------------------------------------------ deployment
+class HandleBackend:
+    """The data plane's :class:`~rayms.dataplane.Backend` over Serve handles."""
+
+    def __init__(self, registry: DeploymentHandle, models: DeploymentHandle) -> None:
+        self.registry = registry
+        self._models = models
+
+    async def infer(self, name: str, request: InferRequest) -> InferResult:
+        return await self._models.options(multiplexed_model_id=name).infer.remote(name, request)
+
+    async def metadata(self, name: str) -> dict[str, Any]:
+        return await self._models.options(multiplexed_model_id=name).metadata.remote(name)
+
+    async def register(self, name: str, spec: dict[str, Any], source: str) -> dict[str, Any]:
+        return await self.registry.register.remote(name, spec, source)
+
+    async def unregister(self, name: str) -> None:
+        await self.registry.unregister.remote(name)
+
+    async def wait_settled(self, name: str, timeout_s: float) -> dict[str, Any]:
+        return await self.registry.wait_settled.remote(name, timeout_s)
+
+    async def replicas(self) -> list[dict[str, Any]]:
+        return await self._models.broadcast("resident").results_async()
+
+    async def watch(self, epoch: str | None, since: int, timeout_s: float = 30.0) -> dict[str, Any]:
+        return await self.registry.watch.remote(epoch, since, timeout_s)
+
+
+@serve.ingress()
+class Router:
+    """The ingress deployment: HTTP routes plus the Python methods notebooks call through the app handle."""
+
+    async def __init__(self, settings: dict[str, Any], registry: DeploymentHandle, models: DeploymentHandle) -> None:
+        self._settings = Settings(**settings)
+        self._backend = HandleBackend(registry, models)
+        self._view = RegistryView(self._backend.watch)
+        self._view.start()
+        self._plane = DataPlane(self._settings, view=self._view, backend=self._backend)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self._plane, self._settings)
+
+    # ---------------------------------------------------------------- Python API
+    async def infer(self, name: str, inputs: Any, parameters: dict[str, Any] | None = None,
+                    outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run a model on numpy inputs (an array, or a dict of named arrays); returns named outputs."""
+        named = inputs if isinstance(inputs, dict) else {"input-0": inputs}
+        tensors = []
+        for input_name, value in named.items():
+            array = np.asarray(value)
+            tensors.append(Tensor(name=input_name, datatype=datatype_of(array), shape=list(array.shape),
+                                  data=array, parameters={}))
+        request = InferRequest(id=None, inputs=tensors, outputs=[RequestedOutput(name=o, binary=None) for o in outputs or []],
+                               parameters=dict(parameters or {}))
+        _, result = await self._plane.infer(name, request)
+        return {t.name: t.data for t in result.outputs}
+
+    async def predict(self, name: str, instances: Any, parameters: dict[str, Any] | None = None) -> list:
+        """V1-style prediction: rows in, a list of predictions out."""
+        result = await self.infer(name, np.asarray(instances), parameters=parameters)
+        return (result.get("predict") if "predict" in result else next(iter(result.values()))).tolist()
+
+    async def load(self, name: str, storage_uri: str | None = None, framework: str | None = None,
+                   memory: str | None = None, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Register a model and wait until it is READY (raises when it fails)."""
+        body = {"storageUri": storage_uri, "framework": framework, "memory": memory, "parameters": parameters}
+        return await self._plane.load(name, {k: v for k, v in body.items() if v is not None} or None)
+
+    async def unload(self, name: str) -> None:
+        await self._plane.unload(name)
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        await self._view.refresh()
+        return self._plane.repository_index()
+
+    async def replicas(self) -> list[dict[str, Any]]:
+        return await self._plane.replicas()
