@@ -15,8 +15,8 @@ class RaymsError(Exception):
 
     status_code = 500
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
 
     @property
     def message(self) -> str:

@@ -1,0 +1,127 @@
+"""A replica's LRU: count and memory limits, per-model locks, version swaps. No Ray."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from rayms.config import ModelSpec
+from rayms.errors import MemoryUnavailable, ModelLoadError
+from rayms.model_cache import ModelCache
+
+MI = 2**20
+
+
+def spec(name, memory=None, uri=None):
+    return ModelSpec(storage_uri=uri or f"/models/{name}", framework="sklearn", memory=memory)
+
+
+class Loads:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.changes: list[tuple[list[str], list[str]]] = []
+        self.gates: dict[str, asyncio.Event] = {}
+
+    async def load(self, name, spec, version):
+        self.calls.append((name, version))
+        if name in self.gates:
+            await self.gates[name].wait()
+        if "broken" in spec.storage_uri:
+            raise ModelLoadError(f"model {name}: corrupt")
+        return (f"runtime-{name}-v{version}", 10 * MI)
+
+    def changed(self, loaded, evicted):
+        self.changes.append((loaded, evicted))
+
+
+def make(max_models=10, budget=100 * MI):
+    loads = Loads()
+    return ModelCache(max_models=max_models, budget_bytes=budget, load_fn=loads.load, on_change=loads.changed), loads
+
+
+async def test_count_limit_evicts_least_recently_used():
+    cache, loads = make(max_models=2)
+    await cache.get("a", spec("a"), 1)
+    await cache.get("b", spec("b"), 1)
+    await cache.get("a", spec("a"), 1)  # a is now most recent
+    await cache.get("c", spec("c"), 1)
+    assert set(cache.resident()) == {"a", "c"}
+    assert cache.evictions == 1
+    assert ([], ["b"]) in loads.changes and loads.changes[-1] == (["c"], [])
+
+
+async def test_memory_budget_evicts_until_declared_memory_fits():
+    cache, _ = make(budget=300 * MI)
+    for name in ("a", "b", "c"):
+        await cache.get(name, spec(name, memory="100Mi"), 1)
+    await cache.get("a", spec("a", memory="100Mi"), 1)
+    await cache.get("d", spec("d", memory="100Mi"), 1)
+    assert set(cache.resident()) == {"a", "c", "d"}  # b was least recently used
+    assert cache.used_bytes == 300 * MI
+    await cache.get("e", spec("e", memory="250Mi"), 1)
+    assert set(cache.resident()) == {"e"}
+
+
+async def test_model_larger_than_budget_is_refused_without_evicting():
+    cache, loads = make(budget=300 * MI)
+    await cache.get("a", spec("a", memory="100Mi"), 1)
+    with pytest.raises(MemoryUnavailable, match="exceeds this replica's model-memory budget"):
+        await cache.get("huge", spec("huge", memory="1Gi"), 1)
+    assert set(cache.resident()) == {"a"}
+    assert ("huge", 1) not in loads.calls
+
+
+async def test_undeclared_memory_is_charged_its_measured_size():
+    cache, _ = make(budget=25 * MI)
+    await cache.get("a", spec("a"), 1)
+    await cache.get("b", spec("b"), 1)
+    await cache.get("c", spec("c"), 1)  # 10Mi each measured: only two fit
+    assert set(cache.resident()) == {"b", "c"}
+
+
+async def test_concurrent_gets_of_one_model_load_it_once_and_others_do_not_wait():
+    cache, loads = make()
+    loads.gates["slow"] = asyncio.Event()
+    slow = [asyncio.create_task(cache.get("slow", spec("slow"), 1)) for _ in range(5)]
+    await asyncio.sleep(0)
+    fast = await asyncio.wait_for(cache.get("fast", spec("fast"), 1), timeout=2)  # per-model lock
+    assert fast.runtime == "runtime-fast-v1"
+    loads.gates["slow"].set()
+    results = await asyncio.gather(*slow)
+    assert {r.runtime for r in results} == {"runtime-slow-v1"}
+    assert loads.calls.count(("slow", 1)) == 1
+
+
+async def test_failed_load_leaves_cache_unchanged_and_is_retried_next_time():
+    cache, loads = make()
+    await cache.get("a", spec("a"), 1)
+    with pytest.raises(ModelLoadError):
+        await cache.get("bad", spec("bad", uri="/broken"), 1)
+    assert set(cache.resident()) == {"a"}
+    with pytest.raises(ModelLoadError):
+        await cache.get("bad", spec("bad", uri="/broken"), 1)
+    assert loads.calls.count(("bad", 1)) == 2
+
+
+async def test_new_version_loads_in_background_while_old_serves():
+    cache, loads = make()
+    await cache.get("m", spec("m"), 1)
+    loads.gates["m"] = asyncio.Event()
+    served = await cache.get("m", spec("m", uri="/models/m2"), 2)
+    assert served.version == 1  # no request waits or fails during the swap
+    loads.gates["m"].set()
+    for _ in range(100):
+        await asyncio.sleep(0)
+        if cache.peek("m").version == 2:
+            break
+    assert cache.peek("m").runtime == "runtime-m-v2"
+
+
+async def test_unload_reports_and_frees():
+    cache, loads = make()
+    await cache.get("a", spec("a"), 1)
+    assert cache.unload("a") is True
+    assert cache.unload("a") is False
+    assert cache.resident() == {} and cache.used_bytes == 0
+    assert loads.changes[-1] == ([], ["a"])

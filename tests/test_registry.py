@@ -1,0 +1,180 @@
+"""The registry's lifecycle, persistence and change feed, without Ray (a fake placer stands in)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from rayms.config import ModelSpec, Settings
+from rayms.errors import MemoryUnavailable, ModelNotFound, ModelLoadError, InvalidSpec
+from rayms.registry import ModelRegistry
+from rayms.statestore import StateStore
+
+
+class FakePlacer:
+    """Loads succeed unless the URI contains 'broken'; a gate lets a test hold loads open."""
+
+    def __init__(self) -> None:
+        self.loads: list[tuple[str, int]] = []
+        self.unloads: list[str] = []
+        self.gate: asyncio.Event | None = None
+
+    async def load(self, name, spec, version):
+        self.loads.append((name, version))
+        if self.gate is not None:
+            await self.gate.wait()
+        if "broken" in spec.storage_uri:
+            raise ModelLoadError(f"model {name}: cannot unpickle {spec.storage_uri}")
+        return {"measured_bytes": 1234, "replica": "r1", "metadata": {"inputs": []}}
+
+    async def unload(self, name, spec):
+        self.unloads.append(name)
+
+
+def spec(uri="file:///m/a", memory=None):
+    return ModelSpec(storage_uri=uri, framework="sklearn", memory=memory)
+
+
+@pytest.fixture
+def make_registry(tmp_path):
+    def make(**overrides):
+        settings = Settings(cache_dir=str(tmp_path), replica_memory_bytes=2**30, **overrides)
+        placer = FakePlacer()
+        store = StateStore(str(tmp_path / "models.json"))
+        return ModelRegistry(settings, store=store, placer=placer), placer, store
+    return make
+
+
+async def settle(registry, name):
+    return await registry.wait_settled(name, timeout_s=5)
+
+
+async def test_register_moves_to_ready_and_records_measurements(make_registry):
+    registry, placer, _ = make_registry()
+    placer.gate = asyncio.Event()
+    status = await registry.register("m1", spec(), "repository")
+    assert status["state"] in ("PENDING", "DOWNLOADING")  # registered before loading: visible at once
+    placer.gate.set()
+    status = await settle(registry, "m1")
+    assert status["state"] == "READY"
+    assert status["measuredMemory"] == 1234
+    assert status["replicas"] == ["r1"]
+    assert status["loadTimeS"] is not None
+    assert placer.loads == [("m1", 1)]
+
+
+async def test_failed_load_is_failed_with_reason_and_not_retried(make_registry):
+    registry, placer, _ = make_registry()
+    await registry.register("bad", spec("file:///broken"), "repository")
+    status = await settle(registry, "bad")
+    assert status["state"] == "FAILED"
+    assert "cannot unpickle file:///broken" in status["reason"]
+    await asyncio.sleep(0)  # give a hot loop the chance to show itself
+    assert placer.loads == [("bad", 1)]
+    # registering again retries once
+    await registry.register("bad", spec("file:///broken"), "repository")
+    await settle(registry, "bad")
+    assert placer.loads == [("bad", 1), ("bad", 1)]
+
+
+async def test_same_spec_is_idempotent_new_spec_is_new_version(make_registry):
+    registry, placer, _ = make_registry()
+    await registry.register("m", spec(), "repository")
+    await settle(registry, "m")
+    await registry.register("m", spec(), "repository")
+    assert placer.loads == [("m", 1)]
+    await registry.register("m", spec("file:///m/b"), "repository")
+    status = await settle(registry, "m")
+    assert status["version"] == "2" and status["storageUri"] == "file:///m/b"
+
+
+async def test_new_version_keeps_old_ready_while_loading(make_registry):
+    registry, placer, _ = make_registry()
+    await registry.register("m", spec(), "repository")
+    await settle(registry, "m")
+    placer.gate = asyncio.Event()
+    await registry.register("m", spec("file:///m/b"), "repository")
+    await asyncio.sleep(0)
+    assert registry.get("m")["state"] == "READY"  # old version still serving
+    placer.gate.set()
+    assert (await settle(registry, "m"))["version"] == "2"
+
+
+async def test_memory_admission_refuses_oversized_model(make_registry):
+    registry, placer, _ = make_registry()
+    with pytest.raises(MemoryUnavailable, match="exceeds the model-memory budget"):
+        await registry.register("huge", spec(memory="2Gi"), "kubernetes")
+    assert placer.loads == []
+    with pytest.raises(ModelNotFound):
+        registry.get("huge")
+
+
+async def test_invalid_names_and_specs_are_refused(make_registry):
+    registry, _, _ = make_registry()
+    for name in ("a/b", "..", "../etc", "", "x y"):
+        with pytest.raises(InvalidSpec):
+            await registry.register(name, spec(), "repository")
+    with pytest.raises(InvalidSpec, match="framework"):
+        await registry.register("m", {"storageUri": "/x", "framework": "tensorflow"}, "repository")
+
+
+async def test_unregister_persists_and_unloads(make_registry):
+    registry, placer, store = make_registry()
+    await registry.register("a", spec(), "repository")
+    await registry.register("b", spec("file:///b"), "kubernetes")
+    assert sorted(e["modelName"] for e in store.read()) == ["a", "b"]
+    await registry.unregister("a")
+    assert placer.unloads == ["a"]
+    assert [e["modelName"] for e in store.read()] == ["b"]
+    with pytest.raises(ModelNotFound):
+        await registry.unregister("a")
+    with pytest.raises(ModelNotFound):  # source must match when given
+        await registry.unregister("b", source="repository")
+
+
+async def test_restore_brings_back_exactly_the_registered_set(make_registry, tmp_path):
+    registry, _, store = make_registry()
+    await registry.register("a", spec(), "repository")
+    await registry.register("b", spec("file:///b", memory="64Mi"), "kubernetes")
+    await registry.unregister("a")
+    data = json.loads((tmp_path / "models.json").read_text())
+    assert data == [{"modelName": "b", "modelSpec": {"framework": "sklearn", "memory": "64Mi",
+                                                     "storageUri": "file:///b"}, "source": "kubernetes"}]
+    again, placer, _ = make_registry()
+    assert await again.restore() == 1
+    status = await settle(again, "b")
+    assert status["state"] == "READY" and status["source"] == "kubernetes"
+    assert placer.loads == [("b", 1)]
+
+
+async def test_watch_pushes_changes_and_deletions(make_registry):
+    registry, _, _ = make_registry()
+    first = await registry.watch(None, 0, timeout_s=0)
+    assert first["reset"] and first["models"] == []
+    waiter = asyncio.create_task(registry.watch(first["epoch"], first["change"], timeout_s=5))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    await registry.register("a", spec(), "repository")
+    answer = await waiter
+    assert not answer["reset"] and [m["name"] for m in answer["models"]] == ["a"]
+    await settle(registry, "a")
+    await registry.unregister("a")
+    later = await registry.watch(first["epoch"], answer["change"], timeout_s=0)
+    assert "a" in later["deleted"]
+    # a subscriber from another registry lifetime gets a full reset
+    other = await registry.watch("stale-epoch", 999, timeout_s=0)
+    assert other["reset"]
+
+
+async def test_thousand_registrations_share_few_state_writes(make_registry, monkeypatch):
+    registry, placer, store = make_registry()
+    writes = []
+    original = store.write
+    monkeypatch.setattr(store, "write", lambda entries: (writes.append(len(entries)), original(entries)))
+    await asyncio.gather(*(registry.register(f"m{i}", spec(f"file:///m{i}"), "repository") for i in range(1000)))
+    assert len(store.read()) == 1000
+    assert len(writes) < 1000  # group commit
+    statuses = await asyncio.gather(*(settle(registry, f"m{i}") for i in range(1000)))
+    assert {s["state"] for s in statuses} == {"READY"}
