@@ -105,7 +105,9 @@ class ModelCache:
                         f"model {name}: declared memory {declared} bytes exceeds this replica's "
                         f"model-memory budget of {self.budget_bytes} bytes")
                 # Make room for the declared size before loading, so memory never exceeds the budget.
-                self._evict_for(incoming=declared, keep=name)
+                evicted_before = self._evict_for(incoming=declared, keep=name)
+                if evicted_before:
+                    self._on_change([], evicted_before)
                 started = time.monotonic()
                 runtime, measured = await self._load_fn(name, spec, version)
                 charged = declared or measured
@@ -150,9 +152,6 @@ class ModelCache:
             evicted.append(victim)
             self.evictions += 1
             logger.info("model %s: evicted (least recently used)", victim)
-        if evicted and incoming:
-            self._on_change([], evicted)
-            return []
         return evicted
 
     def _drop(self, name: str) -> None:
