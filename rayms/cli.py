@@ -1,0 +1,179 @@
+"""The ``rayms`` command: argument parsing only.
+
+``rayms serve`` starts Ray and the application here; ``rayms models list|load|unload`` and
+``rayms predict`` talk to a running server over HTTP (no Ray needed on the client side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from typing import Any
+
+import requests
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from rayms import local
+    from rayms.config import Settings, parse_quantity
+
+    overrides: dict[str, Any] = {"host": args.host, "port": args.port}
+    if args.replicas:
+        overrides["num_replicas"] = args.replicas
+    if args.max_models_per_replica:
+        overrides["max_models_per_replica"] = args.max_models_per_replica
+    if args.replica_memory:
+        overrides["replica_memory_bytes"] = parse_quantity(args.replica_memory)
+    for field in ("model_repository", "models_file", "state_uri", "cache_dir", "namespace",
+                  "inference_service", "kubeconfig"):
+        if getattr(args, field, None):
+            overrides[field] = getattr(args, field)
+    if args.kubernetes:
+        overrides["kubernetes"] = True
+    if args.kserve_compat:
+        overrides["kserve_compat"] = True
+    if args.demo:
+        from rayms.demo import write_demo_models
+
+        demo_dir = write_demo_models(args.demo_dir)
+        overrides["model_repository"] = str(demo_dir)
+        overrides.setdefault("state_uri", str(demo_dir / ".rayms-state.json"))
+    settings = Settings().model_copy(update=overrides)
+
+    print(f"starting rayms on http://{settings.host}:{settings.port} ...", flush=True)
+    local.start(settings)
+    base = f"http://{settings.host}:{settings.port}"
+    if args.demo:
+        from rayms.demo import print_demo_commands
+
+        print_demo_commands(base)
+    print(f"rayms is serving on {base} (Ctrl-C stops it)", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    print("stopping rayms ...", flush=True)
+    local.stop(settings)
+    return 0
+
+
+def _request(method: str, url: str, body: Any = None) -> Any:
+    try:
+        response = requests.request(method, url, json=body, timeout=660)
+    except requests.ConnectionError as exc:
+        raise SystemExit(f"error: cannot reach {url}: {exc}") from exc
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = {"error": response.text}
+    if response.status_code >= 400:
+        raise SystemExit(f"error ({response.status_code}): {payload.get('error', payload)}")
+    return payload
+
+
+def _models(args: argparse.Namespace) -> int:
+    base = args.url.rstrip("/")
+    if args.action == "list":
+        rows = _request("POST", f"{base}/v2/repository/index", {})
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(f"{'NAME':<28} {'VERSION':<8} {'STATE':<12} {'FRAMEWORK':<10} {'DECLARED':>10} {'MEASURED':>10} "
+              f"{'LOAD S':>7} REPLICAS  REASON")
+        for row in rows:
+            load_time = row.get("loadTimeS")
+            print(f"{row['name']:<28} {row.get('version', ''):<8} {row.get('state', ''):<12} "
+                  f"{row.get('framework', ''):<10} {_size(row.get('declaredMemory')):>10} "
+                  f"{_size(row.get('measuredMemory')):>10} {'' if load_time is None else f'{load_time:.2f}':>7} "
+                  f"{len(row.get('replicas', [])):<9} {row.get('reason', '')}")
+        return 0
+    if not args.name:
+        raise SystemExit(f"error: 'rayms models {args.action}' needs a model name")
+    if args.action == "load":
+        body = {k: v for k, v in {"storageUri": args.storage_uri, "framework": args.framework,
+                                  "memory": args.memory}.items() if v}
+        print(json.dumps(_request("POST", f"{base}/v2/repository/models/{args.name}/load", body or None)))
+    else:
+        print(json.dumps(_request("POST", f"{base}/v2/repository/models/{args.name}/unload")))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    base = args.url.rstrip("/")
+    rows = json.loads(args.data)
+    if args.protocol == "v1":
+        print(json.dumps(_request("POST", f"{base}/v1/models/{args.name}:predict", {"instances": rows})))
+        return 0
+    flat = [x for row in rows for x in (row if isinstance(row, list) else [row])]
+    shape = [len(rows), len(rows[0])] if rows and isinstance(rows[0], list) else [len(rows)]
+    body = {"inputs": [{"name": "input-0", "shape": shape, "datatype": "FP64", "data": flat}]}
+    print(json.dumps(_request("POST", f"{base}/v2/models/{args.name}/infer", body)))
+    return 0
+
+
+def _size(value: Any) -> str:
+    if not value:
+        return "-"
+    for unit in ("B", "Ki", "Mi", "Gi"):
+        if value < 1024 or unit == "Gi":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return str(value)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="rayms", description="Multi-model serving on Ray Serve.")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="start Ray and serve models here")
+    serve.add_argument("--demo", action="store_true", help="train small sklearn/XGBoost/LightGBM models and serve them")
+    serve.add_argument("--demo-dir", default=None, help="where --demo writes its models (default: a temp folder)")
+    serve.add_argument("--model-repository", help="serve every sub-folder of this folder as a model")
+    serve.add_argument("--models", dest="models_file", help="KServe models.json to register at start")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--replicas", type=int, help="number of model replicas")
+    serve.add_argument("--max-models-per-replica", type=int, help="models one replica keeps loaded")
+    serve.add_argument("--replica-memory", help="model-memory budget per replica, e.g. 2Gi")
+    serve.add_argument("--state", dest="state_uri", help="where the registry persists models (path or fsspec URI)")
+    serve.add_argument("--cache-dir", help="per-node artifact cache folder")
+    serve.add_argument("--kubernetes", action="store_true", help="serve TrainedModel resources from Kubernetes")
+    serve.add_argument("--namespace", help="namespace of the TrainedModels")
+    serve.add_argument("--inference-service", help="serve TrainedModels whose spec.inferenceService is this")
+    serve.add_argument("--kubeconfig", help="kubeconfig path (default: $KUBECONFIG or ~/.kube/config)")
+    serve.add_argument("--kserve-compat", action="store_true", help="watch serving.kserve.io TrainedModels")
+    serve.set_defaults(func=_serve)
+
+    models = commands.add_parser("models", help="list, load or unload models of a running server")
+    models.add_argument("action", choices=["list", "load", "unload"])
+    models.add_argument("name", nargs="?")
+    models.add_argument("--storage-uri", help="artifact location (omit to load NAME from the server's repository)")
+    models.add_argument("--framework", help="sklearn, xgboost, lightgbm or onnx")
+    models.add_argument("--memory", help="declared memory, e.g. 256Mi")
+    models.add_argument("--json", action="store_true", help="print raw JSON")
+    models.add_argument("--url", default=DEFAULT_URL)
+    models.set_defaults(func=_models)
+
+    predict = commands.add_parser("predict", help="send rows to a model of a running server")
+    predict.add_argument("name")
+    predict.add_argument("--data", required=True, help="JSON rows, e.g. '[[5.1, 3.5, 1.4, 0.2]]'")
+    predict.add_argument("--protocol", choices=["v1", "v2"], default="v2")
+    predict.add_argument("--url", default=DEFAULT_URL)
+    predict.set_defaults(func=_predict)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
