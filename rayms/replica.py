@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rayms import frameworks
 from rayms._serve_private import report_model_ids
 from rayms.agent import ArtifactAgent
-from rayms.codecs import InferRequest, InferResult, Tensor, datatype_of
+from rayms.codecs import InferRequest, InferResult, Tensor
 from rayms.config import ModelSpec, Settings
 from rayms.errors import ModelNotFound, ModelNotReady, RaymsError
 from rayms.metrics import Metrics
@@ -85,11 +85,7 @@ class ModelReplica:
         started = time.perf_counter()
         outputs = model.runtime.predict([t.data for t in request.inputs], parameters=parameters, requested=requested)
         self._metrics.observe_request(name, time.perf_counter() - started)
-        return InferResult(
-            outputs=[Tensor(name=k, datatype=datatype_of(v), shape=list(v.shape), data=v, parameters={})
-                     for k, v in outputs.items()],
-            parameters={},
-        )
+        return InferResult(outputs=[Tensor.from_numpy(k, v) for k, v in outputs.items()])
 
     async def metadata(self, name: str) -> dict[str, Any]:
         model = await self._model(name)

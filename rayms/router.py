@@ -28,7 +28,6 @@ from rayms.codecs import (
     InferResult,
     RequestedOutput,
     Tensor,
-    datatype_of,
     decode_v1_request,
     decode_v2_request,
     encode_v1_response,
@@ -126,10 +125,9 @@ def add_v1_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
 
     @api.post("/v1/models/{name}:predict")
     async def v1_predict(name: str, request: Request) -> Response:
-        instances, parameters = decode_v1_request(await read_body(request, limit))
-        tensor = Tensor(name="input-0", datatype=datatype_of(instances), shape=list(instances.shape),
-                        data=instances, parameters={})
-        _, result = await plane.infer(name, InferRequest(id=None, inputs=[tensor], outputs=[], parameters=parameters))
+        instances = decode_v1_request(await read_body(request, limit))
+        tensor = Tensor.from_numpy("input-0", instances)
+        _, result = await plane.infer(name, InferRequest(id=None, inputs=[tensor]))
         return Response(encode_v1_response(_first_output(result)), media_type=JSON)
 
 
@@ -286,13 +284,11 @@ class Router:
                     outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run a model on numpy inputs (an array, or a dict of named arrays); returns named outputs."""
         named = inputs if isinstance(inputs, dict) else {"input-0": inputs}
-        tensors = []
-        for input_name, value in named.items():
-            array = np.asarray(value)
-            tensors.append(Tensor(name=input_name, datatype=datatype_of(array), shape=list(array.shape),
-                                  data=array, parameters={}))
-        request = InferRequest(id=None, inputs=tensors, outputs=[RequestedOutput(name=o, binary=None) for o in outputs or []],
-                               parameters=dict(parameters or {}))
+        request = InferRequest(
+            inputs=[Tensor.from_numpy(input_name, np.asarray(value)) for input_name, value in named.items()],
+            outputs=[RequestedOutput(name=o) for o in outputs or []],
+            parameters=dict(parameters or {}),
+        )
         _, result = await self._plane.infer(name, request)
         return {t.name: t.data for t in result.outputs}
 
