@@ -81,9 +81,10 @@ class ModelReplica:
     async def infer(self, name: str, request: InferRequest) -> InferResult:
         model = await self._model(name)
         requested = [o.name for o in request.outputs] or None
-        parameters = {**model.spec.parameters, **request.parameters}
         started = time.perf_counter()
-        outputs = model.runtime.predict([t.data for t in request.inputs], parameters=parameters, requested=requested)
+        outputs = model.runtime.predict(
+            [t.data for t in request.inputs], request.parameters, requested=requested,
+            input_names=[t.name for t in request.inputs])
         self._metrics.observe_request(name, time.perf_counter() - started)
         return InferResult(outputs=[Tensor.from_numpy(k, v) for k, v in outputs.items()])
 
@@ -145,13 +146,13 @@ class ModelReplica:
             raise _unwrap(exc) from None
         self._registry.report.remote(name, version, "LOADING")
         try:
-            runtime = await asyncio.to_thread(frameworks.load_runtime, spec.framework, Path(path))
+            runtime = await asyncio.to_thread(frameworks.load_runtime, spec.framework, Path(path), spec.parameters)
         except Exception:
             self._metrics.count_load(name, ok=False)
             raise
         self._metrics.count_load(name, ok=True, seconds=time.perf_counter() - started)
         logger.info("model %s: version %d loaded on replica %s", name, version, self._replica_id)
-        return runtime, frameworks.measure_size(runtime, Path(path))
+        return runtime, frameworks.measure_size(runtime)
 
     def _resident_changed(self, loaded: list[str], evicted: list[str]) -> None:
         self._routing_dirty = True
