@@ -120,7 +120,7 @@ def test_parameters_and_requested_outputs(tmp_path, case):
     framework, path, expected = _build(tmp_path, case)
     runtime = load_runtime(framework, path, parameters={"predict_proba": True})
     _close(runtime.predict([X])["predict_proba"], expected(X, proba=True))
-    assert list(runtime.predict([X], {"predict_proba": "false", "content_type": "np"}))[0] == "predict"
+    assert list(runtime.predict([X], {"predict_proba": "false", "content_type": "np", "binary_data_output": True}))[0] == "predict"
     for bad in ({"nope": 1}, {"predict_proba": 3}):
         with pytest.raises(InvalidInput):
             runtime.predict([X], bad)

@@ -38,8 +38,8 @@ EXTENSIONS: dict[str, tuple[str, ...]] = {
     "onnx": (".onnx",),
 }
 MODEL_PARAMETERS = ("predict_proba",)
-# V2 request parameters that carry no predict option; accepted and ignored.
-PROTOCOL_PARAMETERS = ("content_type", "headers")
+# V2/Triton request parameters that carry no predict option (the codec uses them); accepted, ignored.
+PROTOCOL_PARAMETERS = ("content_type", "headers", "binary_data_output")
 # Files that can sit next to a model and share an extension with one (``.json``, ``.txt``).
 _NOT_MODELS = {"model-settings.json", "settings.json", "requirements.txt", "metadata.json"}
 _NOT_MODEL_STEMS = {"readme", "license", "licence", "notice", "changelog"}
