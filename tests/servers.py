@@ -1,0 +1,243 @@
+"""Real local servers for storage tests: an HTTP file server with failure knobs and a moto S3 server.
+
+Mocks of fsspec would test our assumptions about fsspec; these test fsspec, aiohttp and botocore as they
+behave on the wire. Everything binds 127.0.0.1 on a free port, and every process started here is stopped by
+its pid. No ``time.sleep`` anywhere: waits poll a condition against a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], *, timeout_s: float = 10.0, what: str = "condition") -> None:
+    """Poll ``condition`` (blocking) until it holds; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    ready = threading.Event()
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        ready.wait(0.01)
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # clients hanging up is normal
+            super().handle_error(request, client_address)
+
+
+class FileServer:
+    """Threaded HTTP server of in-memory files, with per-path failure modes.
+
+    * ``fail(path, status, times=n)``: the first ``n`` GETs answer ``status`` (``times=None``: always).
+    * ``truncate(path)``: announce the full length, send half, close: a broken transfer.
+    * ``hold()`` / ``release(n)``: responses wait for a permit (``release()`` with no count opens the gate);
+      ``delay_s`` holds each response for a fixed time instead. ``in_flight`` and ``peak`` count requests
+      being answered at once.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.requests: Counter[str] = Counter()
+        self.delay_s = 0.0
+        self.in_flight = 0
+        self.peak = 0
+        self._failures: dict[str, list] = {}
+        self._truncated: set[str] = set()
+        self._permits: int | None = None  # None: no hold
+        self._cond = threading.Condition()
+        self._httpd = _QuietServer(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                                        name="file-server", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def add(self, path: str, data: bytes) -> str:
+        self.files["/" + path.lstrip("/")] = data
+        return self.url(path)
+
+    def fail(self, path: str, status: int, *, times: int | None = None) -> None:
+        self._failures["/" + path.lstrip("/")] = [status, times]
+
+    def truncate(self, path: str) -> None:
+        self._truncated.add("/" + path.lstrip("/"))
+
+    def hold(self) -> None:
+        with self._cond:
+            self._permits = 0
+
+    def release(self, count: int | None = None) -> None:
+        with self._cond:
+            self._permits = None if count is None else (self._permits or 0) + count
+            self._cond.notify_all()
+
+    def start(self) -> "FileServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.release()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> "FileServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _answer(self, handler: BaseHTTPRequestHandler, *, body: bool) -> None:
+        path = handler.path.split("?", 1)[0]
+        with self._cond:
+            self.requests[path] += 1
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+        try:
+            self._wait_turn()
+            failure = self._failures.get(path)
+            if failure and (failure[1] is None or failure[1] > 0):
+                if failure[1] is not None:
+                    failure[1] -= 1
+                self._send(handler, status=failure[0], data=b"failure on purpose\n", body=body)
+            elif path not in self.files:
+                self._send(handler, status=404, data=b"no such file\n", body=body)
+            elif path in self._truncated:
+                data = self.files[path]
+                handler.send_response(200)
+                handler.send_header("Content-Length", str(len(data)))
+                handler.end_headers()
+                handler.wfile.write(data[: len(data) // 2])
+                handler.wfile.flush()
+                handler.close_connection = True
+            else:
+                self._send(handler, status=200, data=self.files[path], body=body)
+        finally:
+            with self._cond:
+                self.in_flight -= 1
+
+    def _wait_turn(self) -> None:
+        with self._cond:
+            if self.delay_s:
+                self._cond.wait_for(lambda: False, timeout=self.delay_s)
+            self._cond.wait_for(lambda: self._permits is None or self._permits > 0, timeout=60)
+            if self._permits:
+                self._permits -= 1
+
+    @staticmethod
+    def _send(handler: BaseHTTPRequestHandler, *, status: int, data: bytes, body: bool) -> None:
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/octet-stream")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        if body:
+            handler.wfile.write(data)
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                server._answer(self, body=True)
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                server._answer(self, body=False)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        return Handler
+
+
+class MotoS3:
+    """moto's standalone S3 server as a subprocess on 127.0.0.1, with helpers to fill buckets."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> "MotoS3":
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **credentials()})
+        wait_until(self._accepting, timeout_s=30, what=f"moto server on port {self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+        self._proc = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def _accepting(self) -> bool:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise RuntimeError(f"moto server exited with {self._proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+            return True
+        return False
+
+    def client(self):
+        import boto3  # comes with moto
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def bucket(self, name: str, files: dict[str, bytes] | None = None) -> str:
+        """Create bucket ``name`` holding ``files`` (key -> bytes); return ``s3://name``."""
+        client = self.client()
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket=name)
+        for key, data in (files or {}).items():
+            client.put_object(Bucket=name, Key=key, Body=data)
+        return f"s3://{name}"
+
+
+def credentials() -> dict[str, str]:
+    """Fake AWS settings that keep botocore off real credentials and off the metadata service."""
+    return {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
