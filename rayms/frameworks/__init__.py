@@ -133,7 +133,7 @@ def load_runtime(framework: str, path: Path | str,
     """Load the model at ``path`` (file or folder). ``parameters`` are model-level predict defaults
     (``ModelSpec.parameters``); an unknown one is :class:`InvalidSpec`."""
     framework = _check_framework(framework)
-    defaults = parse_parameters({}, parameters or {}, error=InvalidSpec)
+    defaults = parse_parameters({}, parameters or {}, error=InvalidSpec, strict=True)
     model_file = resolve_model_file(path, framework)
     module = importlib.import_module(f"rayms.frameworks.{framework}")
     return module.load(model_file, defaults)
@@ -162,14 +162,20 @@ def library_message(exc: BaseException, with_type: bool = False) -> str:
 
 
 def parse_parameters(defaults: Mapping[str, Any], parameters: Mapping[str, Any],
-                     error: type[RaymsError] = InvalidInput) -> dict[str, Any]:
-    """Merge request parameters over model defaults, rejecting unknown names and bad values."""
+                     error: type[RaymsError] = InvalidInput, strict: bool = False) -> dict[str, Any]:
+    """Merge request parameters over model defaults, rejecting bad values of the ones we know.
+
+    Request parameters we do not know are ignored: the protocol passes parameters through, and clients
+    send their own (Triton's ``sequence_id``, ``priority``, ``triton_*``...). Model-level parameters are
+    configuration, so ``strict`` refuses unknown names there."""
     merged = dict(defaults)
     for key, value in parameters.items():
         if key in PROTOCOL_PARAMETERS:
             continue
         if key not in MODEL_PARAMETERS:
-            raise error(f"unknown parameter {key!r}; supported: {', '.join(MODEL_PARAMETERS)}")
+            if strict:
+                raise error(f"unknown parameter {key!r}; supported: {', '.join(MODEL_PARAMETERS)}")
+            continue
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):
             value = value.strip().lower() == "true"
         if not isinstance(value, bool):

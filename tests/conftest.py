@@ -1,0 +1,110 @@
+"""Shared fixtures: one real Ray instance and one real rayms application per test session.
+
+Starting Ray and Serve costs tens of seconds on a 2-core machine, so the end-to-end tests share one
+application and use distinct model names. Everything binds to 127.0.0.1 on free ports, and everything
+started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_worker_niceness", "0")
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
+os.environ.setdefault("RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S", "0.2")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float = 60.0, interval_s: float = 0.05, what: str = "") -> object:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as exc:  # keep polling through transient errors
+            last_error = exc
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what or condition}; last error: {last_error}")
+
+
+@dataclass
+class Server:
+    url: str
+    settings: object
+    tmp: Path
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return requests.get(self.url + path, timeout=60, **kwargs)
+
+    def post(self, path: str, **kwargs) -> requests.Response:
+        return requests.post(self.url + path, timeout=120, **kwargs)
+
+    def load(self, name: str, storage_uri: str, framework: str, memory: str | None = None) -> requests.Response:
+        body = {"storageUri": storage_uri, "framework": framework}
+        if memory:
+            body["memory"] = memory
+        return self.post(f"/v2/repository/models/{name}/load", json=body)
+
+    def replicas(self) -> list[dict]:
+        response = self.get("/v2/repository/replicas")
+        response.raise_for_status()
+        return response.json()
+
+    def status(self, name: str) -> dict | None:
+        rows = self.post("/v2/repository/index").json()
+        return next((r for r in rows if r["name"] == name), None)
+
+
+@pytest.fixture(scope="session")
+def ray_instance() -> Iterator[None]:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False,
+             namespace="rayms-tests")
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def rayms_server(ray_instance, tmp_path_factory) -> Iterator[Server]:
+    """A rayms app with two model replicas, small per-replica limits, on a free port."""
+    from ray import serve
+
+    from rayms.app import build_app
+    from rayms.config import Settings
+    from rayms.local import kill_agents
+
+    tmp = tmp_path_factory.mktemp("rayms")
+    port = free_port()
+    settings = Settings(
+        app_name="rayms", port=port, num_replicas=2, max_models_per_replica=40,
+        replica_memory_bytes=2**30, cache_dir=str(tmp / "cache"), state_uri=str(tmp / "state" / "models.json"),
+        download_backoff_s=0.05,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(settings), name=settings.app_name, route_prefix="/")
+    server = Server(url=f"http://127.0.0.1:{port}", settings=settings, tmp=tmp)
+    wait_for(lambda: server.get("/v2/health/ready").status_code == 200, what="server ready")
+    yield server
+    serve.delete(settings.app_name)
+    kill_agents(settings.app_name)
