@@ -137,7 +137,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 class Settings(BaseSettings):
     """Everything an operator can tune. Each field can be set as ``RAYMS_<FIELD>`` in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="RAYMS_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="RAYMS_", extra="forbid")
 
     app_name: str = "rayms"
     """Name of the Serve application (and prefix of the registry and agent actor names)."""

@@ -101,10 +101,10 @@ class StorageError(RaymsError):
 
     @property
     def transient(self) -> bool:
-        return bool(self.args[1])
+        return bool(self.args[1]) if len(self.args) > 1 else False
 
     def __str__(self) -> str:
-        return str(self.args[0])
+        return str(self.args[0]) if self.args else "storage error"
 
 
 class ModelLoadError(RaymsError):
