@@ -8,12 +8,16 @@ only requests for registered models travel to a replica.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol
 
 from rayms.codecs import InferRequest, InferResult
 from rayms.config import ModelSpec, Settings, validate_model_name
-from rayms.errors import InvalidSpec, ModelNotFound, ModelNotReady, RaymsError
+from rayms.errors import (
+    InferenceError, InvalidInput, InvalidSpec, ModelNotFound, ModelNotReady, NotSupported, RaymsError,
+)
 from rayms.view import RegistryView
 
 EXTENSIONS = ["model_repository", "binary_tensor_data", "parameters"]
@@ -21,7 +25,9 @@ LOAD_TIMEOUT_S = 600.0
 
 
 class Backend(Protocol):
-    """What the data plane needs from the rest of the system (Ray handles in production)."""
+    """What the data plane needs from the rest of the system (Ray handles in production).
+
+    A :class:`~rayms.errors.RaymsError` raised behind it arrives as itself, not wrapped by the transport."""
 
     async def infer(self, name: str, request: InferRequest) -> InferResult: ...
     async def metadata(self, name: str) -> dict[str, Any]: ...
@@ -36,6 +42,15 @@ def server_version() -> str:
         return version("rayms")
     except PackageNotFoundError:
         return "0.0.0"
+
+
+@contextmanager
+def naming_model(name: str) -> Iterator[None]:
+    """Say which model a request error is about: a runtime's or a codec's message names only the input."""
+    try:
+        yield
+    except (InvalidInput, InferenceError, NotSupported) as exc:
+        raise type(exc)(f"model {name}: {exc}") from exc
 
 
 class DataPlane:
@@ -94,7 +109,8 @@ class DataPlane:
     async def infer(self, name: str, request: InferRequest, model_version: str | None = None) -> tuple[str, InferResult]:
         """Run V2 inference; returns the version that answered and the result."""
         status = self._servable(name, model_version)
-        return status["version"], await self._backend.infer(name, request)
+        with naming_model(name):
+            return status["version"], await self._backend.infer(name, request)
 
     # ---------------------------------------------------------------- repository
     def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ from rayms.codecs import (
     encode_v2_response,
 )
 from rayms.config import Settings
-from rayms.dataplane import DataPlane
+from rayms.dataplane import DataPlane, naming_model
 from rayms.errors import InvalidInput, Overloaded, PayloadTooLarge, RaymsError
 from rayms.view import RegistryView
 
@@ -60,9 +60,12 @@ def as_rayms_error(exc: BaseException) -> RaymsError:
     return RaymsError(f"internal error: {exc.__class__.__name__}: {exc}")
 
 
-def error_response(exc: BaseException) -> Response:
+def error_response(exc: BaseException, request: Request | None = None) -> Response:
     if isinstance(exc, StarletteHTTPException):
-        return Response(orjson.dumps({"error": str(exc.detail)}), status_code=exc.status_code, media_type=JSON)
+        message = str(exc.detail)
+        if request is not None and exc.status_code in (404, 405):  # no route: say which one was asked for
+            message = f"{message}: {request.method} {request.url.path}"
+        return Response(orjson.dumps({"error": message}), status_code=exc.status_code, media_type=JSON)
     error = as_rayms_error(exc)
     if error.status_code >= 500 and not isinstance(error, Overloaded):
         logger.error("request failed: %s", error, exc_info=exc)
@@ -125,10 +128,13 @@ def add_v1_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
 
     @api.post("/v1/models/{name}:predict")
     async def v1_predict(name: str, request: Request) -> Response:
-        instances = decode_v1_request(await read_body(request, limit))
-        tensor = Tensor.from_numpy("input-0", instances)
+        plane.status(name)  # an unknown model is 404 whatever the body holds
+        raw = await read_body(request, limit)
+        with naming_model(name):
+            tensor = Tensor.from_numpy("input-0", decode_v1_request(raw))
         _, result = await plane.infer(name, InferRequest(id=None, inputs=[tensor]))
-        return Response(encode_v1_response(_first_output(result)), media_type=JSON)
+        with naming_model(name):
+            return Response(encode_v1_response(_first_output(result)), media_type=JSON)
 
 
 def add_v2_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
@@ -170,15 +176,19 @@ def add_v2_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
     @api.post("/v2/models/{name}/infer")
     @api.post("/v2/models/{name}/versions/{model_version}/infer")
     async def infer(name: str, request: Request, model_version: str | None = None) -> Response:
+        plane.status(name, model_version)  # an unknown model or version is 404 whatever the body holds
         header_length = request.headers.get("inference-header-content-length")
-        try:
-            header_length_int = int(header_length) if header_length is not None else None
-        except ValueError as exc:
-            raise InvalidInput(f"Inference-Header-Content-Length {header_length!r} is not an integer") from exc
-        infer_request = decode_v2_request(await read_body(request, limit), header_length_int)
+        raw = await read_body(request, limit)
+        with naming_model(name):
+            try:
+                header_length_int = int(header_length) if header_length is not None else None
+            except ValueError as exc:
+                raise InvalidInput(f"Inference-Header-Content-Length {header_length!r} is not an integer") from exc
+            infer_request = decode_v2_request(raw, header_length_int)
         answered, result = await plane.infer(name, infer_request, model_version)
-        body, headers = encode_v2_response(model_name=name, model_version=answered, request=infer_request,
-                                           result=result)
+        with naming_model(name):
+            body, headers = encode_v2_response(model_name=name, model_version=answered, request=infer_request,
+                                               result=result)
         return Response(body, headers=headers)
 
 
@@ -211,7 +221,7 @@ def add_repository_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
 def build_api(plane: DataPlane, settings: Settings) -> FastAPI:
     api = FastAPI(title="rayms", version=plane.server_metadata()["version"], docs_url="/docs", redoc_url=None)
     api.add_exception_handler(Exception, lambda _request, exc: error_response(exc))
-    api.add_exception_handler(StarletteHTTPException, lambda _request, exc: error_response(exc))
+    api.add_exception_handler(StarletteHTTPException, lambda request, exc: error_response(exc, request))
     api.add_exception_handler(RequestValidationError, lambda _request, exc: error_response(exc))
     limit = settings.max_request_bytes
     add_v1_routes(api, plane, limit)
@@ -244,7 +254,10 @@ class HandleBackend:
         self._models = models
 
     async def infer(self, name: str, request: InferRequest) -> InferResult:
-        return await self._models.options(multiplexed_model_id=name).infer.remote(name, request)
+        try:
+            return await self._models.options(multiplexed_model_id=name).infer.remote(name, request)
+        except Exception as exc:  # Ray wraps what the replica raised; the data plane wants the error itself
+            raise as_rayms_error(exc) from exc
 
     async def metadata(self, name: str) -> dict[str, Any]:
         return await self._models.options(multiplexed_model_id=name).metadata.remote(name)
