@@ -8,6 +8,7 @@ only requests for registered models travel to a replica.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -142,11 +143,26 @@ class DataPlane:
         await self._view.refresh()
 
     def _spec_for(self, name: str, body: dict[str, Any] | None) -> ModelSpec:
+        """The spec a load asks for: in the body, in its ``parameters``, or in the repository folder."""
         body = {k: v for k, v in (body or {}).items() if v is not None}
         if "storageUri" in body or "storage_uri" in body:
             return ModelSpec.parse(body, name=name)
         if set(body) - {"parameters"}:
             raise InvalidSpec(f"model {name}: a load body needs storageUri and framework (a TrainedModel's spec.model)")
+        parameters = body.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidSpec(f"model {name}: 'parameters' of a load body must be an object")
+        if any(key.startswith("file:") for key in parameters):
+            raise NotSupported(f"model {name}: loading model files sent in the request is not supported; "
+                               "give a storageUri")
+        if "config" in parameters:
+            # tritonclient's load_model(name, config=...) sends the config as a JSON string.
+            return ModelSpec.parse(_config_spec(name, parameters["config"]), name=name)
+        if "storageUri" in parameters or "storage_uri" in parameters:
+            return ModelSpec.parse(parameters, name=name)
+        if not self._settings.model_repository:
+            raise InvalidSpec(f"model {name}: the load request gives no storageUri and this server has no model "
+                              "repository; send {\"storageUri\": ..., \"framework\": ...}")
         # No spec given: the model of that name in the configured repository folder.
         from rayms.repository import spec_from_repository
 
@@ -163,6 +179,18 @@ class ModelLoadFailed(RaymsError):
     """A repository load ended FAILED. The repository extension answers load failures with 400."""
 
     status_code = 400
+
+
+def _config_spec(name: str, config: Any) -> Any:
+    """Triton's load ``parameters.config``; rayms reads it as a JSON TrainedModel ``spec.model``."""
+    try:
+        value = json.loads(config) if isinstance(config, str) else config
+    except ValueError as exc:
+        raise InvalidSpec(f"model {name}: parameters.config is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict) or not ("storageUri" in value or "storage_uri" in value):
+        raise InvalidSpec(f"model {name}: parameters.config must be a JSON object with storageUri and framework "
+                          "(a TrainedModel's spec.model); Triton model configurations are not supported")
+    return value
 
 
 def _platform(framework: str) -> str:
