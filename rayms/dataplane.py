@@ -129,6 +129,8 @@ class DataPlane:
         spec = self._spec_for(name, body)
         await self._backend.register(name, spec.to_wire() | {"parameters": spec.parameters}, source)
         status = await self._backend.wait_settled(name, LOAD_TIMEOUT_S)
+        # The view's long poll may answer after wait_settled: refresh so the caller's next request sees the model.
+        await self._view.refresh()
         if status["state"] == "FAILED":
             raise ModelLoadFailed(f"model {name} failed to load: {status['reason']}")
         return status
