@@ -107,9 +107,11 @@ def build_app(settings: Settings | None = None, **overrides: Any) -> Application
     settings = (settings or Settings()).model_copy(update=overrides) if overrides else (settings or Settings())
     payload = settings.model_dump()
     quiet = {"enable_access_log": False}
+    # The registry always holds the subscribers' long-poll watch calls in flight, so Serve's default graceful
+    # shutdown (wait up to 20 s for ongoing requests) would hold every stop for 20 s; watchers simply retry.
     registry = serve.deployment(
         Registry, name=REGISTRY, num_replicas=1, max_ongoing_requests=100_000,
-        ray_actor_options={"num_cpus": 0}, logging_config=quiet,
+        ray_actor_options={"num_cpus": 0}, logging_config=quiet, graceful_shutdown_timeout_s=1,
     ).bind(payload)
     replicas = serve.deployment(
         ModelReplica, name=REPLICA, num_replicas=settings.num_replicas,
