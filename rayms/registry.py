@@ -213,6 +213,10 @@ class ModelRegistry:
                 return
             if self._records.get(name) is not record or record.version != version:
                 return
+            # Settled: leave the task table before notifying, or a waiter woken by this READY still sees
+            # the load running and sleeps until some unrelated change (or its timeout) wakes it again.
+            if self._tasks.get(name) is asyncio.current_task():
+                del self._tasks[name]
             record.state, record.reason = ModelState.READY, ""
             record.measured_bytes = int(result.get("measured_bytes") or 0)
             record.load_time_s = round(time.monotonic() - started, 4)
