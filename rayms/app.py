@@ -93,6 +93,44 @@ class Registry:
         await self._registry.report_residency(replica, loaded, evicted)
 
 
+class HandleRegistry:
+    """The bridge's :class:`~rayms.k8s.bridge.RegistryClient` over the Registry deployment's handle."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+
+    async def register(self, name: str, spec: dict[str, Any], source: str) -> dict[str, Any]:
+        return await self._handle.register.remote(name, spec, source)
+
+    async def unregister(self, name: str, source: str | None = None) -> None:
+        await self._handle.unregister.remote(name, source)
+
+    async def list(self, source: str | None = None) -> list[dict[str, Any]]:
+        return await self._handle.list.remote(source)
+
+    async def watch(self, epoch: str | None, since: int, timeout_s: float = 30.0) -> dict[str, Any]:
+        return await self._handle.watch.remote(epoch, since, timeout_s)
+
+
+class KubernetesBridge:
+    """Serve deployment (one replica) running the TrainedModel bridge inside the application."""
+
+    async def __init__(self, settings: dict[str, Any], registry) -> None:
+        from rayms.k8s import TrainedModelBridge, connect
+
+        self._settings = Settings(**settings)
+        api, namespace = connect(self._settings)
+        self._bridge = TrainedModelBridge(self._settings, registry=HandleRegistry(registry), api=api,
+                                          namespace=namespace)
+        await self._bridge.start()
+
+    async def stats(self) -> dict[str, Any]:
+        return self._bridge.stats()
+
+    def __del__(self) -> None:
+        self._bridge.close()
+
+
 def _seed_models(settings: Settings) -> list[tuple[str, ModelSpec, str]]:
     seeds: list[tuple[str, ModelSpec, str]] = []
     if settings.model_repository:
@@ -118,11 +156,17 @@ def build_app(settings: Settings | None = None, **overrides: Any) -> Application
         max_ongoing_requests=settings.max_ongoing_requests,
         ray_actor_options={"num_cpus": settings.replica_num_cpus}, logging_config=quiet,
     ).bind(payload)
-    # The Router receives both handles, which puts all three deployments in one application graph.
+    bridge = None
+    if settings.kubernetes:
+        bridge = serve.deployment(
+            KubernetesBridge, name="KubernetesBridge", num_replicas=1, ray_actor_options={"num_cpus": 0},
+            logging_config=quiet,
+        ).bind(payload, registry)
+    # The Router receives the other handles, which puts every deployment in one application graph.
     return serve.deployment(
         Router, name="Router", num_replicas=1, max_ongoing_requests=1000,
         ray_actor_options={"num_cpus": 0}, logging_config=quiet,
-    ).bind(payload, registry, replicas)
+    ).bind(payload, registry, replicas, bridge)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -13,7 +13,7 @@ import json
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -176,6 +176,11 @@ class Settings(BaseSettings):
     pvc_root: str = "/mnt/pvc"
     """Where ``pvc://<claim>/<path>`` is mounted: ``<pvc_root>/<claim>/<path>``."""
 
+    storage_env: dict[str, str] = Field(default_factory=dict)
+    """Environment variables of the node agents that download artifacts: storage endpoints and credentials
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...). Without them an agent sees the environment its node
+    was started with."""
+
     max_concurrent_downloads: PositiveInt = 8
     """Downloads one node's agent runs at once."""
 
@@ -211,6 +216,15 @@ class Settings(BaseSettings):
 
     kubeconfig: str | None = None
     """Path to a kubeconfig when running outside the cluster."""
+
+    status_protocol: Literal["v1", "v2"] = "v2"
+    """Which predict path a TrainedModel's ``status.url`` points at."""
+
+    external_url: str | None = None
+    """Base URL clients outside the cluster use (TrainedModel ``status.url``); default: the cluster URL."""
+
+    cluster_url: str | None = None
+    """Base URL inside the cluster (``status.address.url``); default: ``http://<inferenceService>-serve-svc.<ns>.svc.cluster.local:8000``."""
 
     def resolved_state_uri(self) -> str:
         return self.state_uri or str(Path(self.cache_dir) / f"{self.app_name}-models.json")

@@ -282,7 +282,8 @@ class HandleBackend:
 class Router:
     """The ingress deployment: HTTP routes plus the Python methods notebooks call through the app handle."""
 
-    async def __init__(self, settings: dict[str, Any], registry: DeploymentHandle, models: DeploymentHandle) -> None:
+    async def __init__(self, settings: dict[str, Any], registry: DeploymentHandle, models: DeploymentHandle,
+                       bridge: DeploymentHandle | None = None) -> None:
         self._settings = Settings(**settings)
         self._backend = HandleBackend(registry, models)
         self._view = RegistryView(self._backend.watch)

@@ -1,0 +1,275 @@
+"""The bridge pipeline: watch events -> one sequential queue per TrainedModel -> validated spec -> registry,
+and registry changes -> coalesced status writes.
+
+Level-based on purpose: each object's queue keeps only its newest state, so a burst of updates to one
+TrainedModel is applied once, in order, and an object never goes back to an older state. Every relist
+(start-up, 410 Gone) is diffed against what the bridge knew, and against what the registry holds from
+Kubernetes, so deletions missed while the bridge was away are still applied. No finalizer is used: a
+TrainedModel can always be deleted, even with the bridge gone; its parent RayService owns it, so
+Kubernetes garbage collection removes it with the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any, Protocol
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from rayms.config import Settings
+from rayms.errors import InvalidSpec, MemoryUnavailable, ModelNotFound, RaymsError
+from rayms.k8s.resources import SOURCE, Coordinates, comparable, desired_status, parse, with_transition_times
+from rayms.k8s.watcher import TrainedModelWatcher
+from rayms.view import RegistryView
+
+logger = logging.getLogger("rayms.k8s")
+
+STATUS_COALESCE_S = 0.05
+
+
+class RegistryClient(Protocol):
+    async def register(self, name: str, spec: dict[str, Any], source: str) -> dict[str, Any]: ...
+    async def unregister(self, name: str, source: str | None = None) -> None: ...
+    async def list(self, source: str | None = None) -> list[dict[str, Any]]: ...
+    async def watch(self, epoch: str | None, since: int, timeout_s: float = 30.0) -> dict[str, Any]: ...
+
+
+class TrainedModelBridge:
+    def __init__(self, settings: Settings, *, registry: RegistryClient, api: client.ApiClient, namespace: str) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._api = api
+        self._objects_api = client.CustomObjectsApi(api)
+        self._coords = Coordinates.for_mode(settings.kserve_compat)
+        self._namespace = namespace
+        self._service = settings.inference_service or ""
+        self._known: dict[str, dict[str, Any]] = {}      # selected TrainedModels by name (newest seen)
+        self._applied_rv: dict[str, str] = {}            # resourceVersion last applied per object
+        self._pending: dict[str, dict[str, Any] | None] = {}
+        self._busy: set[str] = set()
+        self._refusals: dict[str, tuple[str, str]] = {}
+        self._written: dict[str, dict[str, Any]] = {}
+        self._dirty: set[str] = set()
+        self._dirty_event = asyncio.Event()
+        self._owner: dict[str, Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._view = RegistryView(registry.watch, on_update=self._registry_changed)
+        self._watcher = TrainedModelWatcher(api, coords=self._coords, namespace=namespace, emit=self._from_thread)
+        self._thread: threading.Thread | None = None
+        self.status_writes = 0
+        self.synced = asyncio.Event()
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._view.start()
+        self._tasks.append(self._loop.create_task(self._write_statuses()))
+        self._thread = threading.Thread(target=self._watcher.run, name="trainedmodel-watch", daemon=True)
+        self._thread.start()
+        logger.info("watching %s/%s TrainedModels in namespace %s for inferenceService %r",
+                    self._coords.group, self._coords.version, self._namespace, self._service)
+
+    async def stop(self) -> None:
+        self._watcher.stop()
+        await self._view.stop()
+        for task in self._tasks:
+            task.cancel()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5)
+
+    def close(self) -> None:
+        """Stop watching (synchronous: safe from ``__del__``)."""
+        self._watcher.stop()
+
+    def stats(self) -> dict[str, Any]:
+        return {"known": len(self._known), "status_writes": self.status_writes,
+                "relists": self._watcher.relists, "reconnects": self._watcher.reconnects}
+
+    # ---------------------------------------------------------------- events in
+    def _from_thread(self, kind: str, payload: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._dispatch, kind, payload)
+
+    def _selected(self, obj: dict[str, Any]) -> bool:
+        return str((obj.get("spec") or {}).get("inferenceService") or "") == self._service
+
+    def _dispatch(self, kind: str, payload: Any) -> None:
+        if kind == "SYNC":
+            listed = {o["metadata"]["name"]: o for o in payload if self._selected(o)}
+            for name in set(self._known) - set(listed):
+                self._enqueue(name, None)
+            for name, obj in listed.items():
+                self._enqueue(name, obj)
+            self._loop.create_task(self._reconcile_registry(set(listed)))
+            return
+        name = payload["metadata"]["name"]
+        if kind == "DELETED" or not self._selected(payload):
+            if name in self._known or kind == "DELETED":
+                self._enqueue(name, None)
+            return
+        self._enqueue(name, payload)
+
+    def _enqueue(self, name: str, obj: dict[str, Any] | None) -> None:
+        if obj is None:
+            self._known.pop(name, None)
+        else:
+            self._known[name] = obj
+        self._pending[name] = obj
+        if name not in self._busy:
+            self._busy.add(name)
+            self._loop.create_task(self._drain(name))
+
+    async def _drain(self, name: str) -> None:
+        """The per-object queue: apply the newest pending state until none is left."""
+        try:
+            while name in self._pending:
+                obj = self._pending.pop(name)
+                try:
+                    await self._apply(name, obj)
+                except Exception as exc:  # one object's trouble never stops the others
+                    logger.exception("TrainedModel %s: could not apply: %s", name, exc)
+        finally:
+            self._busy.discard(name)
+
+    async def _reconcile_registry(self, listed: set[str]) -> None:
+        """Models the registry got from Kubernetes whose TrainedModel is gone are unloaded."""
+        try:
+            models = await self._registry.list(SOURCE)
+        except Exception as exc:
+            logger.warning("cannot reconcile with the registry yet: %s", exc)
+            return
+        for model in models:
+            if model["name"] not in listed and model["name"] not in self._known:
+                logger.info("model %s: its TrainedModel is gone; unloading", model["name"])
+                await self._unregister(model["name"])
+        self.synced.set()
+
+    # ---------------------------------------------------------------- applying
+    async def _apply(self, name: str, obj: dict[str, Any] | None) -> None:
+        if obj is None:
+            self._applied_rv.pop(name, None)
+            self._refusals.pop(name, None)
+            self._written.pop(name, None)
+            await self._unregister(name)
+            logger.info("model %s: TrainedModel deleted; unloaded", name)
+            return
+        rv = obj["metadata"].get("resourceVersion", "")
+        if self._applied_rv.get(name) == rv:
+            return
+        self._applied_rv[name] = rv
+        parsed = parse(obj)
+        self._refusals.pop(name, None)
+        if parsed.problem:
+            self._refusals[name] = (parsed.problem, parsed.problem_condition)
+            await self._unregister(name)
+        else:
+            await self._adopt(obj)
+            try:
+                await self._registry.register(name, parsed.spec.to_wire(), SOURCE)
+            except Exception as exc:
+                error = getattr(exc, "cause", None) or exc
+                where = "MemoryResourceAvailable" if isinstance(error, MemoryUnavailable) else (
+                    "FrameworkSupported" if isinstance(error, InvalidSpec) else "ModelLoaded")
+                if not isinstance(error, RaymsError):
+                    raise
+                self._refusals[name] = (str(error), where)
+        self._mark_dirty(name)
+
+    async def _unregister(self, name: str) -> None:
+        try:
+            await self._registry.unregister(name, SOURCE)
+        except Exception as exc:
+            if not isinstance(getattr(exc, "cause", None) or exc, ModelNotFound):
+                raise
+
+    async def _adopt(self, obj: dict[str, Any]) -> None:
+        """Give the TrainedModel an ownerReference to its RayService, so deleting the service deletes it."""
+        owner = await self._owner_reference()
+        if owner is None:
+            return
+        refs = obj["metadata"].get("ownerReferences") or []
+        if any(r.get("uid") == owner["uid"] for r in refs):
+            return
+        patch = ([{"op": "add", "path": "/metadata/ownerReferences/-", "value": owner}] if refs
+                 else [{"op": "add", "path": "/metadata/ownerReferences", "value": [owner]}])
+        try:
+            await asyncio.to_thread(self._objects_api.patch_namespaced_custom_object, group=self._coords.group,
+                                    version=self._coords.version, namespace=self._namespace,
+                                    plural=self._coords.plural, name=obj["metadata"]["name"], body=patch,
+                                    _content_type="application/json-patch+json")
+        except ApiException as exc:
+            logger.warning("TrainedModel %s: cannot set its owner: %s", obj["metadata"]["name"], exc.reason)
+
+    async def _owner_reference(self) -> dict[str, Any] | None:
+        if self._owner is None:
+            try:
+                service = await asyncio.to_thread(
+                    self._objects_api.get_namespaced_custom_object, group="ray.io", version="v1",
+                    namespace=self._namespace, plural="rayservices", name=self._service)
+            except ApiException as exc:
+                if exc.status not in (403, 404):
+                    logger.warning("cannot read RayService %s: %s", self._service, exc.reason)
+                return None
+            self._owner = {"apiVersion": "ray.io/v1", "kind": "RayService", "name": self._service,
+                           "uid": service["metadata"]["uid"], "blockOwnerDeletion": False}
+        return self._owner
+
+    # ---------------------------------------------------------------- status out
+    def _registry_changed(self, changed: list[str], removed: list[str]) -> None:
+        for name in [*changed, *removed]:
+            if name in self._known:
+                self._mark_dirty(name)
+
+    def _mark_dirty(self, name: str) -> None:
+        self._dirty.add(name)
+        self._dirty_event.set()
+
+    def _urls(self, name: str) -> tuple[str, str]:
+        path = f"/v1/models/{name}:predict" if self._settings.status_protocol == "v1" else f"/v2/models/{name}/infer"
+        internal = self._settings.cluster_url or (
+            f"http://{self._service}-serve-svc.{self._namespace}.svc.cluster.local:8000")
+        external = self._settings.external_url or internal
+        return external.rstrip("/") + path, internal.rstrip("/") + path
+
+    async def _write_statuses(self) -> None:
+        while True:
+            await self._dirty_event.wait()
+            await asyncio.sleep(STATUS_COALESCE_S)  # coalesce a burst of changes into one write per object
+            self._dirty_event.clear()
+            names, self._dirty = self._dirty, set()
+            for name in names:
+                try:
+                    await self._write_status(name)
+                except Exception as exc:
+                    logger.warning("TrainedModel %s: status write failed (%s); will retry", name, exc)
+                    self._dirty.add(name)
+            if self._dirty:
+                self._dirty_event.set()
+                await asyncio.sleep(0.5)
+
+    async def _write_status(self, name: str) -> None:
+        obj = self._known.get(name)
+        if obj is None:
+            return
+        refusal, where = self._refusals.get(name, ("", ""))
+        url, address = self._urls(name)
+        desired = desired_status(parsed=parse(obj), model=self._view.models.get(name), refusal=refusal,
+                                 refusal_condition=where, url=url, address_url=address)
+        previous = self._written.get(name, obj.get("status"))
+        if comparable(desired) == comparable(previous):
+            return
+        body = {"status": with_transition_times(desired, previous)}
+        try:
+            await asyncio.to_thread(self._objects_api.patch_namespaced_custom_object_status,
+                                    group=self._coords.group, version=self._coords.version,
+                                    namespace=self._namespace, plural=self._coords.plural, name=name, body=body)
+        except ApiException as exc:
+            if exc.status == 404:  # deleted meanwhile
+                return
+            raise
+        self._written[name] = body["status"]
+        self.status_writes += 1
