@@ -109,8 +109,9 @@ class ModelRegistry:
         for entry in entries:
             try:
                 spec = ModelSpec.parse(entry["modelSpec"], name=entry["modelName"])
-                self._put(entry["modelName"], spec, entry.get("source", "repository"))
-            except (RaymsError, KeyError, TypeError) as exc:
+                self._put(entry["modelName"], spec, entry.get("source", "repository"),
+                          version=int(entry.get("version", 1)))
+            except (RaymsError, KeyError, TypeError, ValueError) as exc:
                 logger.error("model %s: cannot restore from %s: %s", entry.get("modelName"), self._store.uri, exc)
         await self._notify()
         logger.info("restored %d models from %s", len(entries), self._store.uri)
@@ -138,10 +139,10 @@ class ModelRegistry:
         await self._persist()
         return record.status()
 
-    def _put(self, name: str, spec: ModelSpec, source: str) -> ModelRecord:
+    def _put(self, name: str, spec: ModelSpec, source: str, version: int = 1) -> ModelRecord:
         current = self._records.get(name)
         if current is None:
-            record = ModelRecord(name=name, spec=spec, source=source)
+            record = ModelRecord(name=name, spec=spec, source=source, version=version)
             self._records[name] = record
             self._tombstones.pop(name, None)
         elif current.spec != spec:
@@ -331,8 +332,10 @@ class ModelRegistry:
             if self._flushed >= target:
                 return
             snapshot_at = self._dirty
+            # The version is persisted too: replicas that outlive a registry restart hold models by version,
+            # and a restored model restarting at 1 would look older than what they hold.
             entries = [
-                {"modelName": r.name, "modelSpec": r.spec.to_wire(), "source": r.source}
+                {"modelName": r.name, "modelSpec": r.spec.to_wire(), "source": r.source, "version": r.version}
                 for r in self._records.values()
             ]
             await asyncio.to_thread(self._store.write, entries)

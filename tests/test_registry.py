@@ -137,16 +137,19 @@ async def test_unregister_persists_and_unloads(make_registry):
 async def test_restore_brings_back_exactly_the_registered_set(make_registry, tmp_path):
     registry, _, store = make_registry()
     await registry.register("a", spec(), "repository")
+    await registry.register("b", spec("file:///b0"), "kubernetes")
     await registry.register("b", spec("file:///b", memory="64Mi"), "kubernetes")
     await registry.unregister("a")
     data = json.loads((tmp_path / "models.json").read_text())
     assert data == [{"modelName": "b", "modelSpec": {"framework": "sklearn", "memory": "64Mi",
-                                                     "storageUri": "file:///b"}, "source": "kubernetes"}]
+                                                     "storageUri": "file:///b"}, "source": "kubernetes",
+                     "version": 2}]
     again, placer, _ = make_registry()
     assert await again.restore() == 1
     status = await settle(again, "b")
     assert status["state"] == "READY" and status["source"] == "kubernetes"
-    assert placer.loads == [("b", 1)]
+    assert status["version"] == "2", "a restored model keeps its version"
+    assert placer.loads == [("b", 2)]
 
 
 async def test_watch_pushes_changes_and_deletions(make_registry):
