@@ -50,6 +50,7 @@ def node_agent(settings: Settings) -> Any:
             max_restarts=-1,
             max_concurrency=1000,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+            runtime_env={"env_vars": dict(settings.storage_env)} if settings.storage_env else None,
         )
         .remote(settings)
     )
