@@ -90,10 +90,12 @@ class InferRequest:
 
 @dataclass(slots=True)
 class InferResult:
-    """What a model produced: every output it has, and response-level parameters."""
+    """What a model produced: every output it has, response-level parameters, and the version that ran
+    (while a new version loads, a replica may still answer with the previous one)."""
 
     outputs: list[Tensor] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
+    model_version: str | None = None
 
 
 def datatype_of(array: np.ndarray) -> str:

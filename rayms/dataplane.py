@@ -111,7 +111,9 @@ class DataPlane:
         """Run V2 inference; returns the version that answered and the result."""
         status = self._servable(name, model_version)
         with naming_model(name):
-            return status["version"], await self._backend.infer(name, request)
+            result = await self._backend.infer(name, request)
+        # The replica's word, not the view's: the view names a new version as soon as it is registered.
+        return result.model_version or status["version"], result
 
     # ---------------------------------------------------------------- repository
     def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:

@@ -87,7 +87,8 @@ class ModelReplica:
             [t.data for t in request.inputs], request.parameters, requested=requested,
             input_names=[t.name for t in request.inputs])
         self._metrics.observe_request(name, time.perf_counter() - started)
-        return InferResult(outputs=[Tensor.from_numpy(k, v) for k, v in outputs.items()])
+        return InferResult(outputs=[Tensor.from_numpy(k, v) for k, v in outputs.items()],
+                           model_version=str(model.version))
 
     async def metadata(self, name: str) -> dict[str, Any]:
         model = await self._model(name)
