@@ -30,6 +30,8 @@ def start(settings: Settings | None = None, *, num_cpus: int | None = None, **ov
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
         ray.init(
+            # "local" always starts a fresh instance here, never joins another Ray found on the machine.
+            address="local",
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
             logging_level="warning",

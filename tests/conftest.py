@@ -76,7 +76,8 @@ class Server:
 def ray_instance() -> Iterator[None]:
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False,
+    # address="local": a fresh instance of our own, never another Ray running on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False,
              namespace="rayms-tests")
     yield
     from ray import serve
