@@ -47,7 +47,7 @@ class TrainedModelBridge:
         self._namespace = namespace
         self._service = settings.inference_service or ""
         self._known: dict[str, dict[str, Any]] = {}      # selected TrainedModels by name (newest seen)
-        self._applied_rv: dict[str, str] = {}            # resourceVersion last applied per object
+        self._applied: dict[str, str] = {}               # "<uid>/<generation>" last applied per object
         self._pending: dict[str, dict[str, Any] | None] = {}
         self._busy: set[str] = set()
         self._refusals: dict[str, tuple[str, str]] = {}
@@ -151,16 +151,19 @@ class TrainedModelBridge:
     # ---------------------------------------------------------------- applying
     async def _apply(self, name: str, obj: dict[str, Any] | None) -> None:
         if obj is None:
-            self._applied_rv.pop(name, None)
+            self._applied.pop(name, None)
             self._refusals.pop(name, None)
             self._written.pop(name, None)
             await self._unregister(name)
             logger.info("model %s: TrainedModel deleted; unloaded", name)
             return
-        rv = obj["metadata"].get("resourceVersion", "")
-        if self._applied_rv.get(name) == rv:
+        # Act on spec changes only. Our own status writes and owner references bump the resourceVersion but
+        # not the generation; re-applying on them would re-register a FAILED model and retry it in a loop.
+        meta = obj["metadata"]
+        applied = f"{meta.get('uid', '')}/{meta.get('generation', '')}"
+        if self._applied.get(name) == applied:
             return
-        self._applied_rv[name] = rv
+        self._applied[name] = applied
         parsed = parse(obj)
         self._refusals.pop(name, None)
         if parsed.problem:
