@@ -55,7 +55,8 @@ class ArtifactAgent:
     def __init__(self, settings: Settings, on_event: EventCallback | None = None) -> None:
         self._settings = settings
         self._on_event = on_event
-        self._root = Path(settings.cache_dir) / "artifacts"
+        # Resolved on the agent's own node: "~" and "$VARS" take that node's home and environment.
+        self._root = Path(os.path.expandvars(settings.cache_dir)).expanduser() / "artifacts"
         self._slots = asyncio.Semaphore(settings.max_concurrent_downloads)
         self._inflight: dict[str, asyncio.Task] = {}
         self._names: dict[str, set[str]] = {}  # digest -> models waiting on that download

@@ -171,7 +171,8 @@ class Settings(BaseSettings):
     Default: ``<cache_dir>/<app_name>-models.json``."""
 
     cache_dir: str = str(Path.home() / ".cache" / "rayms")
-    """Per-node folder holding downloaded artifacts, keyed by spec."""
+    """Per-node folder holding downloaded artifacts, keyed by spec. Each node's agent resolves it: ``~`` and
+    ``$VARS`` take that node's home and environment."""
 
     pvc_root: str = "/mnt/pvc"
     """Where ``pvc://<claim>/<path>`` is mounted: ``<pvc_root>/<claim>/<path>``."""
