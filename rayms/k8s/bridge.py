@@ -157,6 +157,9 @@ class TrainedModelBridge:
             await self._unregister(name)
             logger.info("model %s: TrainedModel deleted; unloaded", name)
             return
+        # Every selected TrainedModel, valid or not, gets its owner, so deleting the RayService removes all of
+        # them. Checked on every event (a no-op once owned): the RayService may appear after the TrainedModel.
+        await self._adopt(obj)
         # Act on spec changes only. Our own status writes and owner references bump the resourceVersion but
         # not the generation; re-applying on them would re-register a FAILED model and retry it in a loop.
         meta = obj["metadata"]
@@ -170,7 +173,6 @@ class TrainedModelBridge:
             self._refusals[name] = (parsed.problem, parsed.problem_condition)
             await self._unregister(name)
         else:
-            await self._adopt(obj)
             try:
                 await self._registry.register(name, parsed.spec.to_wire(), SOURCE)
             except Exception as exc:
