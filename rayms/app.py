@@ -18,7 +18,7 @@ from rayms.errors import RaymsError
 from rayms.registry import ModelRegistry
 from rayms.replica import REGISTRY, REPLICA, ModelReplica
 from rayms.repository import read_models_file, scan_repository
-from rayms.router import Router
+from rayms.router import IngressReplica, Router
 from rayms.statestore import StateStore
 
 logger = logging.getLogger("rayms.app")
@@ -39,11 +39,11 @@ class HandlePlacer:
 
     async def load(self, name: str, spec: ModelSpec, version: int) -> dict[str, Any]:
         wire = spec.to_wire() | {"parameters": spec.parameters}
-        return await self.models.options(multiplexed_model_id=name).load.remote(name, wire, version)
+        return await self.models.options(multiplexed_model_id=name).load_model.remote(name, wire, version)
 
     async def unload(self, name: str, spec: ModelSpec) -> None:
         wire = spec.to_wire() | {"parameters": spec.parameters}
-        await self.models.broadcast("unload", name, wire).results_async()
+        await self.models.broadcast("unload_model", name, wire).results_async()
 
 
 class Registry:
@@ -151,18 +151,21 @@ def build_app(settings: Settings | None = None, **overrides: Any) -> Application
         Registry, name=REGISTRY, num_replicas=1, max_ongoing_requests=100_000,
         ray_actor_options={"num_cpus": 0}, logging_config=quiet, graceful_shutdown_timeout_s=1,
     ).bind(payload)
-    replicas = serve.deployment(
-        ModelReplica, name=REPLICA, num_replicas=settings.num_replicas,
-        max_ongoing_requests=settings.max_ongoing_requests,
-        ray_actor_options={"num_cpus": settings.replica_num_cpus}, logging_config=quiet,
-    ).bind(payload)
     bridge = None
     if settings.kubernetes:
         bridge = serve.deployment(
             KubernetesBridge, name="KubernetesBridge", num_replicas=1, ray_actor_options={"num_cpus": 0},
             logging_config=quiet,
         ).bind(payload, registry)
+    replica_options = {
+        "name": REPLICA, "num_replicas": settings.num_replicas, "max_ongoing_requests": settings.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": settings.replica_num_cpus}, "logging_config": quiet,
+    }
+    if settings.ingress == "replica":
+        # The model replicas are the ingress: a request is decoded, predicted and encoded in one process.
+        return serve.deployment(IngressReplica, **replica_options).bind(payload, registry, bridge)
     # The Router receives the other handles, which puts every deployment in one application graph.
+    replicas = serve.deployment(ModelReplica, **replica_options).bind(payload)
     return serve.deployment(
         Router, name="Router", num_replicas=1, max_ongoing_requests=1000,
         ray_actor_options={"num_cpus": 0}, logging_config=quiet,

@@ -151,6 +151,14 @@ class Settings(BaseSettings):
     num_replicas: PositiveInt = 1
     """Number of model replicas (each holds its own LRU of loaded models)."""
 
+    ingress: Literal["replica", "router"] = "replica"
+    """``replica``: model replicas answer HTTP themselves (one process per request, no Ray hop);
+    ``router``: a separate FastAPI router forwards to model replicas through a Serve handle."""
+
+    haproxy: bool = True
+    """For ``rayms serve``: put Ray Serve's HAProxy in front, hashing the model's URL so each model has a
+    home replica (only when Ray is started by rayms; on a cluster, set Ray's variables yourself)."""
+
     max_models_per_replica: PositiveInt = 100
     """How many models one replica keeps loaded before evicting the least recently used."""
 

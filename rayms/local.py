@@ -8,6 +8,8 @@ local instance (each can be overridden with the usual ``RAY_*`` variables set be
 from __future__ import annotations
 
 import os
+import socket
+import tempfile
 from typing import Any
 
 import ray
@@ -23,10 +25,39 @@ LOCAL_RAY_ENV = {
 }
 
 
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def haproxy_env(host: str = "127.0.0.1") -> dict[str, str]:
+    """Ray Serve's HAProxy mode, hashing the first three URL segments (``/v2/models/<name>``).
+
+    Each model then has a home replica, which answers its requests in-process (direct ingress: no Serve
+    proxy, no Ray call per request). Its files and admin ports are private to this instance, so several
+    instances can share a machine."""
+    state = tempfile.mkdtemp(prefix="rayms-haproxy-")
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": "uri depth 3",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{state}/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{state}/admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{state}/server-state",
+        "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(host)),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(host)),
+    }
+
+
 def start(settings: Settings | None = None, *, num_cpus: int | None = None, **overrides: Any):
     """Start Ray (unless already connected) and Serve, deploy rayms, and return the app handle."""
     settings = (settings or Settings()).model_copy(update=overrides)
-    for key, value in LOCAL_RAY_ENV.items():
+    env = dict(LOCAL_RAY_ENV)
+    if settings.haproxy and settings.ingress == "replica" and not ray.is_initialized():
+        env |= haproxy_env(settings.host)
+    for key, value in env.items():
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
         ray.init(
@@ -36,7 +67,7 @@ def start(settings: Settings | None = None, *, num_cpus: int | None = None, **ov
             include_dashboard=False,
             logging_level="warning",
             log_to_driver=False,
-            runtime_env={"env_vars": {k: os.environ[k] for k in LOCAL_RAY_ENV}},
+            runtime_env={"env_vars": {k: os.environ[k] for k in env}},
         )
     serve.start(http_options={"host": settings.host, "port": settings.port})
     return serve.run(build_app(settings), name=settings.app_name, route_prefix="/")

@@ -79,7 +79,7 @@ class ModelReplica:
         self._pusher = asyncio.get_running_loop().create_task(self._push_routing())
 
     # ---------------------------------------------------------------- data plane
-    async def infer(self, name: str, request: InferRequest) -> InferResult:
+    async def run_inference(self, name: str, request: InferRequest) -> InferResult:
         model = await self._model(name)
         requested = [o.name for o in request.outputs] or None
         started = time.perf_counter()
@@ -90,7 +90,7 @@ class ModelReplica:
         return InferResult(outputs=[Tensor.from_numpy(k, v) for k, v in outputs.items()],
                            model_version=str(model.version))
 
-    async def metadata(self, name: str) -> dict[str, Any]:
+    async def model_metadata(self, name: str) -> dict[str, Any]:
         model = await self._model(name)
         return {"inputs": model.runtime.input_metadata(), "outputs": model.runtime.output_metadata()}
 
@@ -108,7 +108,7 @@ class ModelReplica:
         return await self._cache.get(name, spec, int(status["version"]))
 
     # ---------------------------------------------------------------- control plane
-    async def load(self, name: str, spec: dict[str, Any], version: int) -> dict[str, Any]:
+    async def load_model(self, name: str, spec: dict[str, Any], version: int) -> dict[str, Any]:
         """Load ``name`` here (called by the registry); report what it costs."""
         model = await self._cache.load(name, ModelSpec.parse(spec, name=name), version)
         try:
@@ -118,7 +118,7 @@ class ModelReplica:
         return {"measured_bytes": model.measured_bytes, "load_time_s": model.load_time_s,
                 "replica": self._replica_id, "metadata": metadata}
 
-    async def unload(self, name: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def unload_model(self, name: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
         """Drop ``name`` from memory and its artifact from this node's cache (called on every replica)."""
         dropped = self._cache.unload(name)
         if spec is not None:

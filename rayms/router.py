@@ -36,6 +36,7 @@ from rayms.codecs import (
 from rayms.config import Settings
 from rayms.dataplane import DataPlane, naming_model
 from rayms.errors import InvalidInput, Overloaded, PayloadTooLarge, RaymsError
+from rayms.replica import REPLICA, ModelReplica
 from rayms.view import RegistryView
 
 logger = logging.getLogger("rayms.router")
@@ -255,12 +256,12 @@ class HandleBackend:
 
     async def infer(self, name: str, request: InferRequest) -> InferResult:
         try:
-            return await self._models.options(multiplexed_model_id=name).infer.remote(name, request)
+            return await self._models.options(multiplexed_model_id=name).run_inference.remote(name, request)
         except Exception as exc:  # Ray wraps what the replica raised; the data plane wants the error itself
             raise as_rayms_error(exc) from exc
 
     async def metadata(self, name: str) -> dict[str, Any]:
-        return await self._models.options(multiplexed_model_id=name).metadata.remote(name)
+        return await self._models.options(multiplexed_model_id=name).model_metadata.remote(name)
 
     async def register(self, name: str, spec: dict[str, Any], source: str) -> dict[str, Any]:
         return await self.registry.register.remote(name, spec, source)
@@ -278,22 +279,26 @@ class HandleBackend:
         return await self.registry.watch.remote(epoch, since, timeout_s)
 
 
-@serve.ingress()
-class Router:
-    """The ingress deployment: HTTP routes plus the Python methods notebooks call through the app handle."""
+class LocalBackend(HandleBackend):
+    """Inference in this very process (the ingress replica holds the models); control through handles."""
 
-    async def __init__(self, settings: dict[str, Any], registry: DeploymentHandle, models: DeploymentHandle,
-                       bridge: DeploymentHandle | None = None) -> None:
-        self._settings = Settings(**settings)
-        self._backend = HandleBackend(registry, models)
-        self._view = RegistryView(self._backend.watch)
-        self._view.start()
-        self._plane = DataPlane(self._settings, view=self._view, backend=self._backend)
+    def __init__(self, replica: ModelReplica, registry: DeploymentHandle, models: DeploymentHandle) -> None:
+        super().__init__(registry, models)
+        self._replica = replica
 
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self._plane, self._settings)
+    async def infer(self, name: str, request: InferRequest) -> InferResult:
+        return await self._replica.run_inference(name, request)
 
-    # ---------------------------------------------------------------- Python API
+    async def metadata(self, name: str) -> dict[str, Any]:
+        return await self._replica.model_metadata(name)
+
+
+class PythonApi:
+    """The methods notebooks call through ``serve.get_app_handle("rayms")``; needs ``_plane`` and ``_view``."""
+
+    _plane: DataPlane
+    _view: RegistryView
+
     async def infer(self, name: str, inputs: Any, parameters: dict[str, Any] | None = None,
                     outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run a model on numpy inputs (an array, or a dict of named arrays); returns named outputs."""
@@ -326,3 +331,39 @@ class Router:
 
     async def replicas(self) -> list[dict[str, Any]]:
         return await self._plane.replicas()
+
+
+@serve.ingress()
+class IngressReplica(PythonApi, ModelReplica):
+    """The default ingress: a model replica that also answers HTTP, so a request for a model it holds
+    is served in this process with no Ray hop. Put HAProxy in front with ``balance uri`` (what
+    ``rayms serve`` does) and each model gets a home replica; behind Serve's own proxy any replica serves
+    any model, loading it on first use."""
+
+    async def __init__(self, settings: dict[str, Any], registry: DeploymentHandle,
+                       bridge: DeploymentHandle | None = None) -> None:
+        await ModelReplica.__init__(self, settings)
+        models = serve.get_deployment_handle(REPLICA, serve.get_replica_context().app_name)
+        self._plane = DataPlane(self._settings, view=self._view, backend=LocalBackend(self, registry, models))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self._plane, self._settings)
+
+
+@serve.ingress()
+class Router(PythonApi):
+    """The two-hop ingress (``Settings.ingress = "router"``): HTTP here, models on separate replicas
+    reached through a handle with ``multiplexed_model_id``. Suits models too heavy to share a process
+    with HTTP handling."""
+
+    async def __init__(self, settings: dict[str, Any], registry: DeploymentHandle, models: DeploymentHandle,
+                       bridge: DeploymentHandle | None = None) -> None:
+        self._settings = Settings(**settings)
+        self._backend = HandleBackend(registry, models)
+        self._view = RegistryView(self._backend.watch)
+        self._view.start()
+        self._plane = DataPlane(self._settings, view=self._view, backend=self._backend)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self._plane, self._settings)
+
