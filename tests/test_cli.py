@@ -1,0 +1,121 @@
+"""The ``rayms`` command as a user runs it: ``rayms serve`` in its own process (its own Ray, HAProxy in
+front, model replicas answering HTTP), driven with ``rayms models`` / ``rayms predict`` and plain HTTP,
+then stopped with Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from tests.conftest import free_port, wait_for
+from tests.model_factory import make_data, make_lightgbm, make_sklearn, make_xgboost
+
+RAYMS = [sys.executable, "-m", "rayms.cli"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("repo")
+    expected = {
+        "cli-sk": make_sklearn(repo / "cli-sk")[1],
+        "cli-xgb": make_xgboost(repo / "cli-xgb")[1],
+        "cli-lgb": make_lightgbm(repo / "cli-lgb")[1],
+    }
+    extra, _ = make_sklearn(tmp_path_factory.mktemp("extra") / "m", kind="rf")
+    port = free_port()
+    log = tmp_path_factory.mktemp("log") / "serve.log"
+    env = {**os.environ, "RAYMS_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+    env.pop("RAY_ADDRESS", None)
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [*RAYMS, "serve", "--model-repository", str(repo), "--port", str(port), "--replicas", "2"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: "is serving" in log.read_text() or process.poll() is not None, timeout_s=240,
+                 what="rayms serve to start")
+        assert process.poll() is None, log.read_text()[-3000:]
+        yield {"url": url, "expected": expected, "process": process, "log": log, "extra": extra, "env": env}
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def cli(served, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*RAYMS, *args, "--url", served["url"]], capture_output=True, text=True, timeout=300,
+                          env=served["env"], check=False)
+
+
+def test_repository_models_are_ready_and_answer_v1_and_v2(served):
+    assert "model cli-sk: READY" in served["log"].read_text()
+    rows = make_data(n=4, seed=11)[0]
+    for name, expected in served["expected"].items():
+        want = np.asarray(expected(rows))
+        v1 = requests.post(f"{served['url']}/v1/models/{name}:predict", json={"instances": rows.tolist()}, timeout=30)
+        assert v1.status_code == 200, v1.text
+        assert np.allclose(v1.json()["predictions"], want)
+        body = {"inputs": [{"name": "x", "shape": list(rows.shape), "datatype": "FP64", "data": rows.ravel().tolist()}]}
+        v2 = requests.post(f"{served['url']}/v2/models/{name}/infer", json=body, timeout=30)
+        assert v2.status_code == 200, v2.text
+        assert np.allclose(v2.json()["outputs"][0]["data"], want.ravel())
+
+
+def test_each_model_has_one_home_replica_behind_haproxy(served):
+    rows = make_data(n=1, seed=2)[0].tolist()
+    for _ in range(5):
+        for name in served["expected"]:
+            assert requests.post(f"{served['url']}/v1/models/{name}:predict", json={"instances": rows},
+                                 timeout=30).status_code == 200
+    replicas = requests.get(f"{served['url']}/v2/repository/replicas", timeout=30).json()
+    assert len(replicas) == 2
+    # The registry's initial load may have placed a model anywhere; V1 traffic then goes to one home.
+    for name in served["expected"]:
+        holders = [r["replica"] for r in replicas if name in r["models"]]
+        assert 1 <= len(holders) <= 2
+
+
+def test_models_commands_and_predict(served):
+    listed = cli(served, "models", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "cli-sk" in listed.stdout and "READY" in listed.stdout
+    loaded = cli(served, "models", "load", "cli-extra", "--storage-uri", str(served["extra"]), "--framework", "sklearn",
+                 "--memory", "16Mi")
+    assert loaded.returncode == 0, loaded.stderr
+    assert json.loads(loaded.stdout)["state"] == "READY"
+    predicted = cli(served, "predict", "cli-extra", "--data", "[[5.1, 3.5, 1.4, 0.2]]")
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout)["model_name"] == "cli-extra"
+    as_json = json.loads(cli(served, "models", "list", "--json").stdout)
+    extra = next(r for r in as_json if r["name"] == "cli-extra")
+    assert extra["declaredMemory"] == 16 * 2**20 and extra["measuredMemory"] > 0
+    unloaded = cli(served, "models", "unload", "cli-extra")
+    assert unloaded.returncode == 0, unloaded.stderr
+    missing = cli(served, "predict", "cli-extra", "--data", "[[5.1, 3.5, 1.4, 0.2]]")
+    assert missing.returncode != 0 and "404" in missing.stderr and "cli-extra" in missing.stderr
+    bad = cli(served, "models", "load", "cli-bad", "--storage-uri", "/nope/model.joblib", "--framework", "sklearn")
+    assert bad.returncode != 0 and "cli-bad" in bad.stderr
+
+
+def test_ctrl_c_stops_everything_it_started(served):
+    process, url = served["process"], served["url"]
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=120)
+    assert process.returncode == 0, served["log"].read_text()[-2000:]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/v2/health/live", timeout=5)
+    # no process of its session (Ray, HAProxy, workers) is left behind
+    leftover = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True, check=False)
+    assert leftover.stdout.strip() == "", f"left running: {leftover.stdout}"
