@@ -228,6 +228,7 @@ async def test_410_and_dropped_streams_mid_burst_end_exactly_like_the_api_server
     expected = {o["metadata"]["name"] for o in apiserver.objects(PLURAL, NS, group=GROUP)}
     await h.until(lambda: h.registered() == expected, timeout_s=30, what="registry == API server")
     assert h.bridge.stats()["relists"] >= 2
+    await h.bridge.stop()
 
 
 async def test_restart_reconciles_without_loading_anything_twice(apiserver, tmp_path):

@@ -55,6 +55,7 @@ class TrainedModelBridge:
         self._dirty: set[str] = set()
         self._dirty_event = asyncio.Event()
         self._owner: dict[str, Any] | None = None
+        self._owner_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task] = []
         self._view = RegistryView(registry.watch, on_update=self._registry_changed)
@@ -210,6 +211,10 @@ class TrainedModelBridge:
             logger.warning("TrainedModel %s: cannot set its owner: %s", obj["metadata"]["name"], exc.reason)
 
     async def _owner_reference(self) -> dict[str, Any] | None:
+        async with self._owner_lock:  # a burst of new TrainedModels shares one read of the RayService
+            return await self._read_owner()
+
+    async def _read_owner(self) -> dict[str, Any] | None:
         if self._owner is None:
             try:
                 service = await asyncio.to_thread(
