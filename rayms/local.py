@@ -20,8 +20,12 @@ from rayms.config import Settings
 
 LOCAL_RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray nices its workers to 15; here the workers are the server.
     "RAY_worker_niceness": "0",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    # No idle worker processes kept warm for tasks rayms never runs (about 45 MB each).
+    "RAY_enable_worker_prestart": "0",
+    "RAY_prestart_worker_first_driver": "0",
 }
 
 
@@ -41,6 +45,7 @@ def haproxy_env(host: str = "127.0.0.1") -> dict[str, str]:
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": "uri depth 3",
+        "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # one HAProxy thread forwards far more than a Python replica serves
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{state}/haproxy.cfg",
         "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{state}/admin.sock",
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state,
