@@ -158,7 +158,9 @@ def build_app(settings: Settings | None = None, **overrides: Any) -> Application
             logging_config=quiet,
         ).bind(payload, registry)
     replica_options = {
-        "name": REPLICA, "num_replicas": settings.num_replicas, "max_ongoing_requests": settings.max_ongoing_requests,
+        # Serve admits twice the data plane's own limit, so the replica's back-pressure (a JSON 503 with
+        # Retry-After) answers the excess instead of Serve queueing it.
+        "name": REPLICA, "num_replicas": settings.num_replicas, "max_ongoing_requests": 2 * settings.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": settings.replica_num_cpus}, "logging_config": quiet,
     }
     if settings.ingress == "replica":

@@ -209,7 +209,7 @@ class Settings(BaseSettings):
     """Largest request body accepted (413 beyond)."""
 
     max_ongoing_requests: PositiveInt = 64
-    """Requests one model replica handles at once before back-pressure applies."""
+    """Requests one replica works on at once; more get 503 with ``Retry-After`` instead of queueing."""
 
     kubernetes: bool = False
     """Run the TrainedModel bridge inside the application."""

@@ -229,12 +229,24 @@ def build_api(plane: DataPlane, settings: Settings) -> FastAPI:
     add_v2_routes(api, plane, limit)
     add_repository_routes(api, plane, limit)
 
+    in_flight = 0
+    max_in_flight = settings.max_ongoing_requests
+
     @api.middleware("http")
-    async def errors_as_json(request: Request, call_next):  # RaymsError raised in routes
+    async def errors_as_json(request: Request, call_next):  # RaymsError raised in routes, and back-pressure
+        nonlocal in_flight
+        probe = request.url.path.startswith("/v2/health") or request.url.path == "/"
+        if in_flight >= max_in_flight and not probe:
+            # Refuse at once rather than queue without bound: the client retries after Retry-After.
+            return error_response(Overloaded(
+                f"this replica is at its limit of {max_in_flight} requests in flight; retry shortly"))
+        in_flight += 1
         try:
             return await call_next(request)
         except Exception as exc:
             return error_response(exc)
+        finally:
+            in_flight -= 1
 
     return api
 

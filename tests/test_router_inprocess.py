@@ -1,0 +1,86 @@
+"""The HTTP layer in-process (httpx over ASGI, no Ray): routes, error shapes and back-pressure.
+
+The data plane gets a backend that holds requests open on demand, so a test can fill a replica up to its
+limit and see what the next request gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+import pytest
+
+from rayms.codecs import InferResult, Tensor
+from rayms.config import Settings
+from rayms.dataplane import DataPlane
+from rayms.router import build_api
+from rayms.view import RegistryView
+
+READY = {"name": "m", "version": "1", "state": "READY", "reason": "", "framework": "sklearn",
+         "spec": {"storageUri": "/m", "framework": "sklearn"}, "metadata": {}}
+LOADING = {**READY, "name": "slow", "state": "LOADING"}
+
+
+class HeldBackend:
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.entered = 0
+
+    async def infer(self, name, request):
+        self.entered += 1
+        await self.gate.wait()
+        return InferResult(outputs=[Tensor.from_numpy("predict", np.array([1, 2]))])
+
+
+@pytest.fixture
+def app_and_backend():
+    async def no_watch(epoch, since, timeout_s=30.0):
+        raise AssertionError("not used")
+
+    view = RegistryView(no_watch)
+    view.apply({"epoch": "e", "change": 1, "reset": True, "models": [READY, LOADING], "deleted": []})
+    backend = HeldBackend()
+    plane = DataPlane(Settings(max_ongoing_requests=3), view=view, backend=backend)
+    return build_api(plane, Settings(max_ongoing_requests=3)), backend
+
+
+def client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://rayms")
+
+
+BODY = {"inputs": [{"name": "x", "shape": [2, 1], "datatype": "FP32", "data": [1, 2]}]}
+
+
+async def test_infer_and_states_in_process(app_and_backend):
+    app, _ = app_and_backend
+    async with client(app) as http:
+        ok = await http.post("/v2/models/m/infer", json=BODY | {"id": "7"})
+        assert ok.status_code == 200 and ok.json()["id"] == "7" and ok.json()["outputs"][0]["data"] == [1, 2]
+        loading = await http.post("/v2/models/slow/infer", json=BODY)
+        assert loading.status_code == 503 and loading.json() == {"error": "Model slow is not ready (state LOADING)"}
+        assert loading.headers["retry-after"] == "1"
+        missing = await http.post("/v2/models/nope/infer", json=BODY)
+        assert missing.status_code == 404 and set(missing.json()) == {"error"}
+        unknown_route = await http.get("/v3/whatever")
+        assert unknown_route.status_code == 404 and "detail" not in unknown_route.json()
+
+
+async def test_a_full_replica_answers_503_with_retry_after_instead_of_queueing(app_and_backend):
+    app, backend = app_and_backend
+    backend.gate.clear()
+    async with client(app) as http:
+        held = [asyncio.create_task(http.post("/v2/models/m/infer", json=BODY)) for _ in range(3)]
+        while backend.entered < 3:
+            await asyncio.sleep(0.01)
+        refused = await http.post("/v2/models/m/infer", json=BODY)
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert "limit of 3 requests in flight" in refused.json()["error"]
+        # health probes are never refused, so a busy replica is not taken for a dead one
+        assert (await http.get("/v2/health/live")).status_code == 200
+        backend.gate.set()
+        assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200, 200]
+        assert (await http.post("/v2/models/m/infer", json=BODY)).status_code == 200
