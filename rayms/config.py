@@ -9,6 +9,7 @@ registry, so validation happens in one place.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import re
 from enum import Enum
@@ -148,8 +149,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     """HTTP port of the endpoint."""
 
-    num_replicas: PositiveInt = 1
-    """Number of model replicas (each holds its own LRU of loaded models)."""
+    num_replicas: PositiveInt = Field(default_factory=lambda: os.cpu_count() or 1)
+    """Number of model replicas, each with its own LRU of loaded models (default: one per core, since a
+    replica serves requests on one core)."""
 
     ingress: Literal["replica", "router"] = "replica"
     """``replica``: model replicas answer HTTP themselves (one process per request, no Ray hop);
