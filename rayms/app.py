@@ -140,6 +140,13 @@ def _seed_models(settings: Settings) -> list[tuple[str, ModelSpec, str]]:
     return seeds
 
 
+# Serve's own per-replica request limit, set far above anything reached: the replica's data plane applies
+# back-pressure to inference itself (a JSON 503 with Retry-After), while control calls must always get in. A
+# repository load holds its HTTP request until the model is READY, and the registry's call that loads it
+# goes to these same replicas: with Serve's limit in the way, many waiting loads would starve that call.
+REPLICA_MAX_ONGOING = 10_000
+
+
 def build_app(settings: Settings | None = None, **overrides: Any) -> Application:
     """The rayms Serve application. ``overrides`` are :class:`~rayms.config.Settings` fields."""
     settings = (settings or Settings()).model_copy(update=overrides) if overrides else (settings or Settings())
@@ -158,9 +165,7 @@ def build_app(settings: Settings | None = None, **overrides: Any) -> Application
             logging_config=quiet,
         ).bind(payload, registry)
     replica_options = {
-        # Serve admits twice the data plane's own limit, so the replica's back-pressure (a JSON 503 with
-        # Retry-After) answers the excess instead of Serve queueing it.
-        "name": REPLICA, "num_replicas": settings.num_replicas, "max_ongoing_requests": 2 * settings.max_ongoing_requests,
+        "name": REPLICA, "num_replicas": settings.num_replicas, "max_ongoing_requests": REPLICA_MAX_ONGOING,
         "ray_actor_options": {"num_cpus": settings.replica_num_cpus}, "logging_config": quiet,
     }
     if settings.ingress == "replica":

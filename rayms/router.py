@@ -235,11 +235,19 @@ def build_api(plane: DataPlane, settings: Settings) -> FastAPI:
     @api.middleware("http")
     async def errors_as_json(request: Request, call_next):  # RaymsError raised in routes, and back-pressure
         nonlocal in_flight
-        probe = request.url.path.startswith("/v2/health") or request.url.path == "/"
-        if in_flight >= max_in_flight and not probe:
+        path = request.url.path
+        inference = path.endswith("/infer") or path.endswith(":predict")
+        if not inference:
+            # Control and metadata requests are never refused: a load that waits for READY must not count
+            # against the inference limit (nor starve the registry's own calls to this replica).
+            try:
+                return await call_next(request)
+            except Exception as exc:
+                return error_response(exc)
+        if in_flight >= max_in_flight:
             # Refuse at once rather than queue without bound: the client retries after Retry-After.
             return error_response(Overloaded(
-                f"this replica is at its limit of {max_in_flight} requests in flight; retry shortly"))
+                f"this replica is at its limit of {max_in_flight} inference requests in flight; retry shortly"))
         in_flight += 1
         try:
             return await call_next(request)

@@ -78,9 +78,10 @@ async def test_a_full_replica_answers_503_with_retry_after_instead_of_queueing(a
         refused = await http.post("/v2/models/m/infer", json=BODY)
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
-        assert "limit of 3 requests in flight" in refused.json()["error"]
-        # health probes are never refused, so a busy replica is not taken for a dead one
+        assert "limit of 3 inference requests in flight" in refused.json()["error"]
+        # health probes, metadata and control requests are never refused
         assert (await http.get("/v2/health/live")).status_code == 200
+        assert (await http.post("/v2/repository/index")).status_code == 200
         backend.gate.set()
         assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200, 200]
         assert (await http.post("/v2/models/m/infer", json=BODY)).status_code == 200
