@@ -131,8 +131,9 @@ class DataPlane:
         spec = self._spec_for(name, body)
         await self._backend.register(name, spec.to_wire() | {"parameters": spec.parameters}, source)
         status = await self._backend.wait_settled(name, LOAD_TIMEOUT_S)
-        # The view's long poll may answer after wait_settled: refresh so the caller's next request sees the model.
-        await self._view.refresh()
+        # The view's long poll may answer after wait_settled: take the status now, so the caller's next request
+        # sees the model (a full refresh per load would cost a copy of every changed model, per load).
+        self._view.note(status)
         if status["state"] == "FAILED":
             raise ModelLoadFailed(f"model {name} failed to load: {status['reason']}")
         return status
@@ -144,7 +145,7 @@ class DataPlane:
         if name not in self._view.models:
             raise ModelNotFound(name)
         await self._backend.unregister(name)
-        await self._view.refresh()
+        self._view.forget(name)
 
     def _spec_for(self, name: str, body: dict[str, Any] | None) -> ModelSpec:
         """The spec a load asks for: in the body, in its ``parameters``, or in the repository folder."""

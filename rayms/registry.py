@@ -98,6 +98,7 @@ class ModelRegistry:
         self._changed = asyncio.Condition()
         self._load_slots = asyncio.Semaphore(settings.max_concurrent_loads)
         self._tasks: dict[str, asyncio.Task] = {}
+        self._settle_waiters: dict[str, set[asyncio.Future]] = {}
         self._flush_lock = asyncio.Lock()
         self._dirty = 0
         self._flushed = 0
@@ -173,6 +174,7 @@ class ModelRegistry:
         # Forget it first so a restart during the unload does not bring it back.
         del self._records[name]
         self._tombstones[name] = self._next_change()
+        self._wake_waiters(name)  # a load waiting on it learns that it is gone
         await self._persist()
         try:
             await self._placer.unload(name, record.spec)
@@ -270,24 +272,38 @@ class ModelRegistry:
         return [r.status() for r in self._records.values() if source is None or r.source == source]
 
     async def wait_settled(self, name: str, timeout_s: float) -> dict[str, Any]:
-        """Wait until ``name`` is READY or FAILED at its current version (or gone), then return its status."""
-        deadline = time.monotonic() + timeout_s
-        async with self._changed:
-            while True:
-                record = self._records.get(name)
-                if record is None:
-                    raise ModelNotFound(name)
-                if record.state == ModelState.FAILED or (
-                    record.state == ModelState.READY and name not in self._tasks
-                ):
-                    return record.status()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return record.status()
-                try:
-                    await asyncio.wait_for(self._changed.wait(), timeout=remaining)
-                except asyncio.TimeoutError:
-                    pass
+        """Wait until ``name`` is READY or FAILED at its current version (or gone), then return its status.
+
+        Each waiter waits on its own model: a thousand loads in flight are not all woken by every change."""
+        record = self._records.get(name)
+        if record is None:
+            raise ModelNotFound(name)
+        if not self._settled(record):
+            waiter = asyncio.get_running_loop().create_future()
+            self._settle_waiters.setdefault(name, set()).add(waiter)
+            try:
+                await asyncio.wait_for(waiter, timeout=timeout_s)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                waiters = self._settle_waiters.get(name)
+                if waiters is not None:
+                    waiters.discard(waiter)
+                    if not waiters:
+                        del self._settle_waiters[name]
+        record = self._records.get(name)
+        if record is None:
+            raise ModelNotFound(name)
+        return record.status()
+
+    def _settled(self, record: ModelRecord) -> bool:
+        return record.state == ModelState.FAILED or (
+            record.state == ModelState.READY and record.name not in self._tasks)
+
+    def _wake_waiters(self, name: str) -> None:
+        for waiter in self._settle_waiters.get(name, ()):
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def watch(self, epoch: str | None, since: int, timeout_s: float = 30.0) -> dict[str, Any]:
         """Long poll: return what changed after change number ``since``, waiting up to ``timeout_s``.
@@ -319,6 +335,8 @@ class ModelRegistry:
     def _touch(self, record: ModelRecord) -> None:
         record.updated_at = time.time()
         record.change = self._next_change()
+        if record.name in self._settle_waiters and self._settled(record):
+            self._wake_waiters(record.name)
 
     async def _notify(self) -> None:
         async with self._changed:

@@ -58,6 +58,16 @@ class RegistryView:
         if self._on_update is not None:
             self._on_update([m["name"] for m in answer["models"]], removed)
 
+    def note(self, status: dict[str, Any]) -> None:
+        """Take one model's status learnt directly from the registry, unless the view already has newer."""
+        current = self.models.get(status["name"])
+        if current is None or status.get("updatedAt", 0) >= current.get("updatedAt", 0):
+            self.models[status["name"]] = status
+
+    def forget(self, name: str) -> None:
+        """Drop a model the registry confirmed it removed (the long poll will say so too)."""
+        self.models.pop(name, None)
+
     async def refresh(self) -> None:
         """Fetch whatever changed since the last answer, without waiting for news."""
         self.apply(await self._watch(self._epoch, self._change, 0.0))
