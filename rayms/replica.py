@@ -77,6 +77,9 @@ class ModelReplica:
         self._view.start()
         self._routing_dirty = True
         self._pusher = asyncio.get_running_loop().create_task(self._push_routing())
+        # Serve routes requests to a replica once its constructor returns. Before the first registry answer
+        # every model would look unknown (404), so a replica that replaces a dead one waits for it.
+        await self._view.synced.wait()
 
     # ---------------------------------------------------------------- data plane
     async def run_inference(self, name: str, request: InferRequest) -> InferResult:
