@@ -54,6 +54,7 @@ class ModelCache:
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self._loading: set[str] = set()
+        self._background: set[asyncio.Task] = set()
         self.evictions = 0
 
     # ---------------------------------------------------------------- reading
@@ -85,7 +86,7 @@ class ModelCache:
             self._models.move_to_end(name)
             if model.version >= version:
                 return model
-            self._refresh_in_background(name, spec, version)
+            self.refresh_in_background(name, spec, version)
             return model
         return await self.load(name, spec, version)
 
@@ -126,7 +127,8 @@ class ModelCache:
                 if not lock._waiters:  # noqa: SLF001 - drop idle locks so the dict does not grow forever
                     self._locks.pop(name, None)
 
-    def _refresh_in_background(self, name: str, spec: ModelSpec, version: int) -> None:
+    def refresh_in_background(self, name: str, spec: ModelSpec, version: int) -> None:
+        """Start loading ``version`` of a resident model; the resident version answers until it is in."""
         if name in self._loading:
             return
 
@@ -136,7 +138,9 @@ class ModelCache:
             except Exception as exc:  # the old version keeps serving; the registry reports the failure
                 logger.warning("model %s: background reload to version %d failed: %s", name, version, exc)
 
-        asyncio.get_running_loop().create_task(refresh())
+        task = asyncio.get_running_loop().create_task(refresh())
+        self._background.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._background.discard)
 
     # ---------------------------------------------------------------- dropping
     def _evict_for(self, *, incoming: int, keep: str) -> list[str]:

@@ -168,6 +168,15 @@ class ModelReplica:
     def _registry_changed(self, changed: list[str], removed: list[str]) -> None:
         for name in removed:
             self._cache.unload(name)
+        # A newer version of a model held here: load it now. Left to the next request, that request and any
+        # before the swap would still be answered by the old version, however long ago the change was.
+        for name in changed:
+            status, model = self._view.models.get(name), self._cache.peek(name)
+            if model is None or status is None or status["state"] in ("FAILED", "UNLOADING"):
+                continue
+            if int(status["version"]) > model.version:
+                spec = ModelSpec.parse(status["spec"], name=name)
+                self._cache.refresh_in_background(name, spec, int(status["version"]))
 
     async def _watch(self, epoch: str | None, since: int, timeout_s: float = 30.0) -> dict[str, Any]:
         return await self._registry.watch.remote(epoch, since, timeout_s)
