@@ -36,11 +36,18 @@ REPLICA = "ModelReplica"
 ROUTING_PUSH_INTERVAL_S = 0.1
 
 
+class NodeAgent(ArtifactAgent):
+    """The agent as a Ray actor: its download events become Prometheus metrics on Ray's endpoint."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, on_event=Metrics().record_download)
+
+
 def node_agent(settings: Settings) -> Any:
     """The artifact agent actor of the node this process runs on, created on first use."""
     node_id = ray.get_runtime_context().get_node_id()
     return (
-        ray.remote(ArtifactAgent)
+        ray.remote(NodeAgent)
         .options(
             name=f"{settings.app_name}-agent-{node_id[:16]}",
             namespace="rayms",
