@@ -1,0 +1,327 @@
+"""Serving benchmark: rayms against a bare FastAPI+uvicorn floor on the same small models, one server at a time.
+
+    .venv/bin/python benchmarks/serve_bench.py --models 100 --rounds 3
+
+Each round starts each server, measures it, and stops it before the next starts:
+
+* startup: spawn until ``GET /v2/health/ready`` is 200 and an infer on the last model is 200;
+* correctness: one request per model with every probe row, compared with scikit-learn in this process;
+* memory: RSS and PSS summed over every process of the server once all models answered;
+* latency and throughput: wrk with ``wrk_v2.lua`` (random model, random probe row per request), at 1 and at 16
+  connections, after a discarded warm-up; CPU of the server's processes during the measured run.
+
+A second phase starts each server empty and loads every model through ``POST /v2/repository/models/{name}/load``
+one after the other. The table shows medians over rounds and the ratio to the floor of the same round; raw
+records go to ``benchmarks/results/``. See ``benchmarks/README.md`` for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import gen_models
+import procs
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+# rayms as ``rayms serve`` runs it, and with the two-hop layout (Serve proxy -> Router -> model replica).
+SERVERS = {"floor": None, "rayms": {}, "rayms-router": {"RAYMS_INGRESS": "router"}}
+
+
+def v2_body(rows: list[list[float]]) -> dict:
+    flat = [value for row in rows for value in row]
+    return {"inputs": [{"name": "input-0", "shape": [len(rows), len(rows[0])], "datatype": "FP32", "data": flat}]}
+
+
+def predictions(response) -> list:
+    outputs = response.json()["outputs"]
+    return next((o for o in outputs if o["name"] == "predict"), outputs[0])["data"]
+
+
+# ------------------------------------------------------------------------------------------ servers
+def make_server(kind: str, work: Path, repository: Path | None) -> procs.Server:
+    """``repository`` None starts the server with no models."""
+    if kind != "floor":
+        return procs.rayms_server(REPO, work / "rayms", args=["--model-repository", str(repository)] if repository else [],
+                                  name=kind, env=SERVERS[kind])
+    port = procs.free_port()
+    cmd = [sys.executable, str(BENCH / "floor_server.py"), "--port", str(port)]
+    if repository:
+        cmd += ["--model-repository", str(repository)]
+    work.mkdir(parents=True, exist_ok=True)
+    return procs.Server(name="floor", cmd=cmd, port=port, log_path=work / "floor.log")
+
+
+def all_ready(server: procs.Server, count: int) -> bool:
+    rows = server.post("/v2/repository/index", json={}).json()
+    return sum(row["state"] == "READY" for row in rows) >= count
+
+
+def check_predictions(server: procs.Server, manifest: dict) -> dict:
+    """One request per model carrying every probe row; any answer unlike scikit-learn's is a mismatch."""
+    body = v2_body(manifest["probes"])
+    mismatches = failures = 0
+    for model in manifest["models"]:
+        response = server.post(f"/v2/models/{model['name']}/infer", json=body)
+        if response.status_code != 200:
+            failures += 1
+        elif predictions(response) != model["expected"]:
+            mismatches += 1
+    return {"requests": len(manifest["models"]), "rows": len(manifest["probes"]), "mismatches": mismatches,
+            "failures": failures}
+
+
+# ------------------------------------------------------------------------------------------ load generation
+def wrk_check() -> str:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: run `apt-get install -y wrk` (Debian/Ubuntu) and try again")
+    return subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("\n")[0].strip()
+
+
+def wrk(url: str, *, connections: int, duration_s: int, env: dict) -> dict:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s", "--latency",
+           "-s", str(BENCH / "wrk_v2.lua"), url]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=duration_s + 60)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk gave no summary: {done.stdout}\n{done.stderr}")
+    return json.loads(line.removeprefix("WRK_JSON "))
+
+
+def measure_load(server: procs.Server, *, connections: int, args, env: dict) -> dict:
+    """A discarded warm-up, then a measured wrk run with the CPU every party used meanwhile."""
+    wrk(server.url, connections=connections, duration_s=args.warmup, env=env)
+    pids = server.processes()
+    server_cpu, machine_cpu = procs.cpu_seconds(pids), procs.busy_cpu_seconds()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    result = wrk(server.url, connections=connections, duration_s=args.duration, env=env)
+    wall = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_cpu = procs.cpu_seconds(pids) - server_cpu
+    wrk_cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+    other_cpu = procs.busy_cpu_seconds() - machine_cpu - server_cpu - wrk_cpu
+    requests_done = max(result["requests"], 1)
+    errors = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors", "non_2xx", "timeouts"))
+    return {
+        "connections": connections,
+        "rps": round(result["requests"] / (result["duration_us"] / 1e6), 1),
+        "p50_ms": result["p50_us"] / 1000, "p99_ms": result["p99_us"] / 1000, "max_ms": result["max_us"] / 1000,
+        "errors": errors, "requests": result["requests"],
+        "server_cpu_ms_per_req": round(1000 * server_cpu / requests_done, 3),
+        "server_cores": round(server_cpu / wall, 2), "wrk_cores": round(wrk_cpu / wall, 2),
+        "other_cores": round(other_cpu / wall, 2), "raw": result,
+    }
+
+
+# ------------------------------------------------------------------------------------------ phases
+def serving_run(kind: str, *, round_no: int, models: Path, manifest: dict, work: Path, args, env: dict) -> dict:
+    last = manifest["models"][-1]["name"]
+    one_row = v2_body(manifest["probes"][:1])
+    server = make_server(kind, work / f"serve-{round_no}-{kind}", models).start()
+    record: dict = {"phase": "serve", "server": kind, "round": round_no}
+    try:
+        record["startup_s"] = round(server.wait_ready(
+            lambda: server.get("/v2/health/ready").status_code == 200
+            and server.post(f"/v2/models/{last}/infer", json=one_row).status_code == 200,
+            timeout_s=args.start_timeout), 2)
+        if kind != "floor":
+            record["all_ready_s"] = round(server.wait_ready(lambda: all_ready(server, len(manifest["models"])),
+                                                            timeout_s=args.start_timeout), 2)
+        started = time.monotonic()
+        record["warm_failures"] = sum(server.post(f"/v2/models/{m['name']}/infer", json=one_row).status_code != 200
+                                      for m in manifest["models"])
+        record["warm_s"] = round(time.monotonic() - started, 2)
+        record["correctness"] = check_predictions(server, manifest)
+        pids = server.processes()
+        record["memory"] = procs.memory(pids)
+        record["memory_by_process"] = procs.memory_by_process(pids)
+        record["c1"] = measure_load(server, connections=1, args=args, env=env)
+        record["c16"] = measure_load(server, connections=16, args=args, env=env)
+    except Exception as exc:  # keep the other servers' measurements; say what went wrong with this one
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["log_tail"] = server.log_tail()
+    finally:
+        record["stop"] = server.stop()
+    return record
+
+
+def load_run(kind: str, *, rep: int, manifest: dict, work: Path, args) -> dict:
+    """Start empty, then load every model through the repository API, one after the other."""
+    server = make_server(kind, work / f"load-{rep}-{kind}", None).start()
+    record: dict = {"phase": "load", "server": kind, "round": rep}
+    try:
+        record["startup_empty_s"] = round(server.wait_ready(
+            lambda: server.get("/v2/health/ready").status_code == 200, timeout_s=args.start_timeout), 2)
+        record["memory_empty"] = procs.memory(server.processes())
+        failed = []
+        started = time.monotonic()
+        for model in manifest["models"]:
+            body = {"storageUri": str(Path(model["path"]).parent), "framework": "sklearn"}
+            response = server.post(f"/v2/repository/models/{model['name']}/load", json=body, timeout=600)
+            if response.status_code != 200:
+                failed.append(f"{model['name']}: {response.status_code} {response.text[:200]}")
+        record["loads_s"] = round(time.monotonic() - started, 2)
+        record["load_failures"] = failed
+        record["memory_loaded"] = procs.memory(server.processes())
+        record["correctness"] = check_predictions(server, manifest)
+    except Exception as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["log_tail"] = server.log_tail()
+    finally:
+        record["stop"] = server.stop()
+    return record
+
+
+# ------------------------------------------------------------------------------------------ report
+def joined(values) -> str:
+    """Per-round values as ``a/b/c``."""
+    return "/".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in values)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def per_round_ratio(records: list[dict], value, kind: str) -> float:
+    """Median over rounds of value(kind's record) / value(floor's record) of the same round."""
+    by = {(r["server"], r["round"]): r for r in records}
+    ratios = [value(by[(kind, n)]) / value(by[("floor", n)]) for (s, n) in by if s == kind and ("floor", n) in by]
+    return median(ratios)
+
+
+def table(records: list[dict], servers: list[str]) -> str:
+    serve = [r for r in records if r["phase"] == "serve" and "c16" in r]
+    load = [r for r in records if r["phase"] == "load" and "correctness" in r]
+    lines = [
+        "| server | startup s | c=1 p50 ms | c=1 p99 ms | c=16 req/s | c=16 p99 ms | c=16 req/s ÷ floor | "
+        "c=1 p50 × floor | CPU ms/req (c=16) | CPU/req × floor | server cores (c=16) | PSS MB | RSS MB | "
+        "processes | probe mismatches / failures | wrk errors | other load on the box, cores (c=16) |",
+        "|---" * 17 + "|",
+    ]
+    for kind in servers:
+        rs = [r for r in serve if r["server"] == kind]
+        if not rs:
+            continue
+        pick = lambda f: median([f(r) for r in rs])  # noqa: E731
+        lines.append("| " + " | ".join([
+            kind, f"{pick(lambda r: r['startup_s']):.1f}", f"{pick(lambda r: r['c1']['p50_ms']):.2f}",
+            f"{pick(lambda r: r['c1']['p99_ms']):.2f}", f"{pick(lambda r: r['c16']['rps']):.0f}",
+            f"{pick(lambda r: r['c16']['p99_ms']):.1f}",
+            f"{per_round_ratio(serve, lambda r: r['c16']['rps'], kind):.2f}",
+            f"{per_round_ratio(serve, lambda r: r['c1']['p50_ms'], kind):.1f}",
+            f"{pick(lambda r: r['c16']['server_cpu_ms_per_req']):.2f}",
+            f"{per_round_ratio(serve, lambda r: r['c16']['server_cpu_ms_per_req'], kind):.1f}",
+            f"{pick(lambda r: r['c16']['server_cores']):.2f}", f"{pick(lambda r: r['memory']['pss_mb']):.0f}",
+            f"{pick(lambda r: r['memory']['rss_mb']):.0f}", f"{pick(lambda r: r['memory']['processes']):.0f}",
+            f"{sum(r['correctness']['mismatches'] for r in rs)} / {sum(r['correctness']['failures'] for r in rs)}",
+            f"{sum(r['c1']['errors'] + r['c16']['errors'] for r in rs)}",
+            joined(r["c16"]["other_cores"] for r in sorted(rs, key=lambda r: r["round"])),
+        ]) + " |")
+    lines.append("")
+    lines.append("| server | c=16 req/s per round | startup s per round | all models READY s | stop s | "
+                 "leftover processes killed |")
+    lines.append("|---" * 6 + "|")
+    for kind in servers:
+        rs = sorted((r for r in serve if r["server"] == kind), key=lambda r: r["round"])
+        if rs:
+            lines.append("| " + " | ".join([
+                kind, joined(r["c16"]["rps"] for r in rs), joined(r["startup_s"] for r in rs),
+                joined(r.get("all_ready_s", r["startup_s"]) for r in rs), joined(r["stop"].get("stop_s") for r in rs),
+                str(sum(len(r["stop"].get("leftovers_killed", [])) for r in rs)),
+            ]) + " |")
+    if load:
+        lines += ["", "| server | startup, empty s | load all s | per model ms | load × floor | PSS MB empty → loaded | "
+                  "load failures | probe mismatches / failures | load s per round |", "|---" * 9 + "|"]
+        for kind in servers:
+            rs = sorted((r for r in load if r["server"] == kind), key=lambda r: r["round"])
+            if not rs:
+                continue
+            loads = median([r["loads_s"] for r in rs])
+            count = rs[0]["correctness"]["requests"]
+            lines.append("| " + " | ".join([
+                kind, f"{median([r['startup_empty_s'] for r in rs]):.1f}", f"{loads:.2f}",
+                f"{1000 * loads / count:.0f}", f"{per_round_ratio(load, lambda r: r['loads_s'], kind):.1f}",
+                f"{median([r['memory_empty']['pss_mb'] for r in rs]):.0f} → "
+                f"{median([r['memory_loaded']['pss_mb'] for r in rs]):.0f}",
+                f"{sum(len(r['load_failures']) for r in rs)}",
+                f"{sum(r['correctness']['mismatches'] for r in rs)} / {sum(r['correctness']['failures'] for r in rs)}",
+                joined(r["loads_s"] for r in rs),
+            ]) + " |")
+    return "\n".join(lines)
+
+
+def environment(wrk_version: str) -> dict:
+    """Versions, and which rayms code ran: the commit plus any uncommitted change to ``rayms/``."""
+    packages = ("ray", "fastapi", "uvicorn", "scikit-learn", "numpy", "orjson")
+    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return {"python": platform.python_version(), "cpus": os.cpu_count(), "wrk": wrk_version,
+            **{name: version(name) for name in packages},
+            "commit": git("rev-parse", "--short", "HEAD"), "uncommitted": git("status", "--porcelain", "rayms")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=10, help="seconds of each measured wrk run")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of the discarded run before each")
+    parser.add_argument("--phases", default="serve,load", help="serve, load or both (comma-separated)")
+    parser.add_argument("--servers", default="floor,rayms", help=f"from {', '.join(SERVERS)} (comma-separated)")
+    parser.add_argument("--start-timeout", type=float, default=300.0)
+    parser.add_argument("--results", type=Path, default=BENCH / "results")
+    args = parser.parse_args()
+    wrk_version = wrk_check()
+    phases = set(args.phases.split(","))
+    servers = args.servers.split(",")
+    if "floor" not in servers or set(servers) - set(SERVERS):
+        raise SystemExit(f"--servers: the floor plus any of {', '.join(SERVERS)}")
+
+    work = Path(tempfile.mkdtemp(prefix="rb-", dir="/tmp"))  # short: Ray's socket paths live under it
+    records: list[dict] = []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / f"serve-{stamp}.json"
+    try:
+        models = work / "models"
+        manifest = gen_models.generate(models, args.models)
+        names, bodies = work / "names.txt", work / "bodies.txt"
+        names.write_text("\n".join(m["name"] for m in manifest["models"]) + "\n")
+        bodies.write_text("\n".join(json.dumps(v2_body([row])) for row in manifest["probes"]) + "\n")
+        env = {**os.environ, "WRK_NAMES": str(names), "WRK_BODIES": str(bodies)}
+        print(f"{args.models} models generated in {manifest['seconds']} s; work folder {work}", flush=True)
+        for round_no in range(1, args.rounds + 1) if "serve" in phases else ():
+            for kind in servers:
+                record = serving_run(kind, round_no=round_no, models=models, manifest=manifest, work=work,
+                                     args=args, env=env)
+                records.append(record)
+                print(f"serve round {round_no} {kind}: startup {record.get('startup_s')} s, "
+                      f"c16 {record.get('c16', {}).get('rps')} req/s, stop {record['stop']}"
+                      + (f"\n  FAILED: {record['error']}" if "error" in record else ""), flush=True)
+        for rep in range(1, args.rounds + 1) if "load" in phases else ():
+            for kind in servers:
+                record = load_run(kind, rep=rep, manifest=manifest, work=work, args=args)
+                records.append(record)
+                print(f"load round {rep} {kind}: {record.get('loads_s')} s, stop {record['stop']}"
+                      + (f"\n  FAILED: {record['error']}" if "error" in record else ""), flush=True)
+    finally:
+        out.write_text(json.dumps({"command": " ".join(sys.argv), "started": stamp, "args": vars(args) | {
+            "results": str(args.results)}, "environment": environment(wrk_version), "records": records}, indent=1))
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{table(records, servers)}\n\nraw records: {out}")
+
+
+if __name__ == "__main__":
+    main()
