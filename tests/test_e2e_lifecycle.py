@@ -11,9 +11,11 @@ its own ``app_name``, hence its own registry, state file, cache folder and node 
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +89,16 @@ def unload_all(server: Server, names: list[str]) -> None:
         server.post(f"/v2/repository/models/{name}/unload")
 
 
+@dataclass(frozen=True)
+class Failure:
+    """An answer a check rejected, with when its request was sent and answered (``time.monotonic()``)."""
+
+    problem: str
+    status: int
+    sent_at: float
+    answered_at: float
+
+
 class Traffic:
     """Threads that keep sending V2 requests round-robin to ``checks``' models until the block ends.
 
@@ -98,7 +110,7 @@ class Traffic:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.statuses: Counter[int] = Counter()
-        self.problems: list[str] = []
+        self.problems: list[Failure] = []
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
 
     @property
@@ -113,6 +125,7 @@ class Traffic:
         while not self._stop.is_set():
             name = names[turn % len(names)]
             turn += 1
+            sent_at = time.monotonic()
             try:
                 response = session.post(f"{self._server.url}/v2/models/{name}/infer", json=v2_body(), timeout=60)
                 problem, status = self._checks[name](name, response), response.status_code
@@ -121,7 +134,7 @@ class Traffic:
             with self._lock:
                 self.statuses[status] += 1
                 if problem:
-                    self.problems.append(problem)
+                    self.problems.append(Failure(problem, status, sent_at, time.monotonic()))
 
     def __enter__(self) -> "Traffic":
         for thread in self._threads:
