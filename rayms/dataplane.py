@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from rayms.codecs import InferRequest, InferResult
 from rayms.config import ModelSpec, Settings, validate_model_name
 from rayms.errors import (
-    InferenceError, InvalidInput, InvalidSpec, ModelNotFound, ModelNotReady, NotSupported, RaymsError,
+    InferenceError, InvalidInput, InvalidSpec, ModelNotFound, ModelNotReady, NotSupported, Overloaded, RaymsError,
 )
 from rayms.view import RegistryView
 
@@ -75,6 +75,9 @@ class DataPlane:
         """The registry's status of ``name``; 404 when unknown or when ``model_version`` is not current."""
         status = self._view.models.get(name)
         if status is None:
+            if not self._view.synced.is_set():
+                # Just started and not yet told what exists: "unknown" would be a lie, so ask to retry.
+                raise Overloaded(f"model {name}: this replica has not heard from the model registry yet; retry shortly")
             raise ModelNotFound(name)
         if model_version is not None and model_version != status["version"]:
             raise ModelNotFound(name, model_version)

@@ -85,3 +85,16 @@ async def test_a_full_replica_answers_503_with_retry_after_instead_of_queueing(a
         backend.gate.set()
         assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200, 200]
         assert (await http.post("/v2/models/m/infer", json=BODY)).status_code == 200
+
+
+async def test_before_the_first_registry_answer_unknown_models_get_503_not_404():
+    async def no_watch(epoch, since, timeout_s=30.0):
+        raise AssertionError("not used")
+
+    view = RegistryView(no_watch)  # never synced
+    plane = DataPlane(Settings(), view=view, backend=HeldBackend())
+    async with client(build_api(plane, Settings())) as http:
+        early = await http.post("/v2/models/m/infer", json=BODY)
+        assert early.status_code == 503 and "not heard from the model registry" in early.json()["error"]
+        assert early.headers["retry-after"] == "1"
+        assert (await http.get("/v2/health/ready")).status_code == 503
