@@ -7,6 +7,7 @@ replicas, and the Router (ingress). It is usable with ``serve.run`` and from a S
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -46,6 +47,9 @@ class HandlePlacer:
         await self.models.broadcast("unload_model", name, wire).results_async()
 
 
+REPLICA_PRUNE_INTERVAL_S = 5.0
+
+
 class Registry:
     """Serve deployment around :class:`~rayms.registry.ModelRegistry` (exactly one replica)."""
 
@@ -63,6 +67,21 @@ class Registry:
                     await self._registry.register(name, spec, source)
                 except RaymsError as exc:
                     logger.error("model %s: not registered from %s: %s", name, source, exc)
+        self._pruner = asyncio.get_running_loop().create_task(self._prune_dead_replicas())
+
+    async def _prune_dead_replicas(self) -> None:
+        """A replica that died reports nothing; ask who is alive now and then, so the index stays true."""
+        placer = self._registry_placer()
+        while True:
+            await asyncio.sleep(REPLICA_PRUNE_INTERVAL_S)
+            try:
+                answers = await placer.models.broadcast("resident").results_async()
+                await self._registry.keep_replicas({a["replica"] for a in answers})
+            except Exception as exc:  # replicas restarting: try again next round
+                logger.debug("replica census failed: %s", exc)
+
+    def _registry_placer(self) -> "HandlePlacer":
+        return HandlePlacer(self._app_name())
 
     @staticmethod
     def _app_name() -> str:

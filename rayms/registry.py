@@ -257,9 +257,16 @@ class ModelRegistry:
         if touched:
             await self._notify()
 
-    async def forget_replica(self, replica: str) -> None:
-        """A replica went away: it holds nothing any more."""
-        await self.report_residency(replica, loaded=[], evicted=[n for n, r in self._records.items() if replica in r.replicas])
+    async def keep_replicas(self, alive: set[str]) -> None:
+        """Replicas not in ``alive`` went away: they hold nothing any more."""
+        touched = False
+        for record in self._records.values():
+            if record.replicas - alive:
+                record.replicas &= alive
+                self._touch(record)
+                touched = True
+        if touched:
+            await self._notify()
 
     # ---------------------------------------------------------------- reading
     def get(self, name: str) -> dict[str, Any]:

@@ -181,3 +181,13 @@ async def test_thousand_registrations_share_few_state_writes(make_registry, monk
     assert len(writes) < 1000  # group commit
     statuses = await asyncio.gather(*(settle(registry, f"m{i}") for i in range(1000)))
     assert {s["state"] for s in statuses} == {"READY"}
+
+
+async def test_replicas_that_went_away_leave_the_index(make_registry):
+    registry, _, _ = make_registry()
+    await registry.register("a", spec(), "repository")
+    await settle(registry, "a")
+    await registry.report_residency("r2", loaded=["a"], evicted=[])
+    assert registry.get("a")["replicas"] == ["r1", "r2"]
+    await registry.keep_replicas({"r2"})
+    assert registry.get("a")["replicas"] == ["r2"]
