@@ -109,6 +109,56 @@ def test_models_commands_and_predict(served):
     assert bad.returncode != 0 and "cli-bad" in bad.stderr
 
 
+def test_a_replica_killed_under_traffic_fails_at_most_the_requests_it_was_answering(served):
+    import threading
+
+    import psutil
+
+    url = served["url"]
+    before = {r["replica"] for r in requests.get(f"{url}/v2/repository/replicas", timeout=30).json()}
+    victims = [p for p in psutil.Process(served["process"].pid).children(recursive=True)
+               if "ServeReplica:rayms:ModelReplica" in " ".join(p.cmdline())]
+    assert len(victims) == 2
+    statuses: list[int] = []
+    errors: list[str] = []
+    stop = threading.Event()
+    rows = make_data(n=1, seed=5)[0].tolist()
+
+    def traffic() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            for name in served["expected"]:
+                try:
+                    statuses.append(session.post(f"{url}/v1/models/{name}:predict", json={"instances": rows},
+                                                 timeout=30).status_code)
+                except requests.RequestException as exc:
+                    errors.append(repr(exc))
+                    statuses.append(-1)
+
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: len(statuses) > 30, timeout_s=60, what="traffic before the kill")
+    victims[0].kill()
+
+    def replaced() -> bool:
+        now = {r["replica"] for r in requests.get(f"{url}/v2/repository/replicas", timeout=30).json()}
+        return len(now) == 2 and now != before
+
+    wait_for(replaced, timeout_s=180, interval_s=0.5, what="the killed replica replaced")
+    count = len(statuses)
+    wait_for(lambda: len(statuses) > count + 30, timeout_s=60, what="traffic after the replacement")
+    stop.set()
+    for thread in threads:
+        thread.join()
+    # Requests in flight on the killed replica are replayed by HAProxy (retry-on empty-response); one caught
+    # mid-response can still fail (a 500 from HAProxy's error page, or a dropped connection). Known gap: at
+    # most a request or two per connection in flight at the moment of the kill, never anything after it.
+    failed = [s for s in statuses if s not in (200, 503)]
+    assert len(failed) <= 3, ({s: statuses.count(s) for s in set(statuses)}, errors[:3])
+    assert statuses[-10:] == [200] * 10
+
+
 def test_ctrl_c_stops_everything_it_started(served):
     process, url = served["process"], served["url"]
     process.send_signal(signal.SIGINT)
