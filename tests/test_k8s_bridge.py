@@ -22,6 +22,7 @@ from rayms.k8s import TrainedModelBridge
 from rayms.registry import ModelRegistry
 from rayms.statestore import StateStore
 from tests.fake_apiserver import FakeApiServer
+from tests.support import DirectRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "kuberay" / "trainedmodel-crd.yaml"
@@ -43,25 +44,6 @@ class Placer:
 
     async def unload(self, name, spec):
         self.unloads.append(name)
-
-
-class DirectRegistry:
-    """The bridge's RegistryClient over an in-process ModelRegistry."""
-
-    def __init__(self, registry: ModelRegistry) -> None:
-        self.registry = registry
-
-    async def register(self, name, spec, source):
-        return await self.registry.register(name, spec, source)
-
-    async def unregister(self, name, source=None):
-        await self.registry.unregister(name, source)
-
-    async def list(self, source=None):
-        return self.registry.list(source)
-
-    async def watch(self, epoch, since, timeout_s=30.0):
-        return await self.registry.watch(epoch, since, timeout_s)
 
 
 def kserve_crd() -> dict:

@@ -37,6 +37,7 @@ from rayms.registry import ModelRegistry
 from rayms.statestore import StateStore
 from tests.crd_schema import crd_problems, load_crd
 from tests.fake_apiserver import RAYSERVICE_CRD_REFERENCE, FakeApiServer
+from tests.support import DirectRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "kuberay"
@@ -323,25 +324,6 @@ class Placer:
 
     async def unload(self, name, spec):
         return None
-
-
-class DirectRegistry:
-    """The bridge's RegistryClient over an in-process registry."""
-
-    def __init__(self, registry: ModelRegistry) -> None:
-        self.registry = registry
-
-    async def register(self, name, spec, source):
-        return await self.registry.register(name, spec, source)
-
-    async def unregister(self, name, source=None):
-        await self.registry.unregister(name, source)
-
-    async def list(self, source=None):
-        return self.registry.list(source)
-
-    async def watch(self, epoch, since, timeout_s=30.0):
-        return await self.registry.watch(epoch, since, timeout_s)
 
 
 def request_attributes(method: str, path: str, query: dict) -> tuple[str, str, str, str | None]:
