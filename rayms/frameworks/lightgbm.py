@@ -16,59 +16,38 @@ It exists to keep lightgbm out of every other module. Decisions:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rayms.errors import ModelLoadError
-from rayms.frameworks import (
-    as_dtype, choose_outputs, guarded, library_message, parse_parameters, require, stack_inputs, tensor_info,
-)
+from rayms.frameworks import library_message, require, tensor_info
+from rayms.frameworks.boosters import BoosterRuntime
 
 CLASSIFIERS = {"binary": "binary", "multiclass": "multi", "multiclassova": "multi"}
 
 
-class LightGBMRuntime:
+class LightGBMRuntime(BoosterRuntime):
     framework = "lightgbm"
+    dtype = np.float64
 
     def __init__(self, path: Path, booster: Any, defaults: Mapping[str, Any], input_errors: tuple) -> None:
-        self.path, self.booster, self.defaults = path, booster, dict(defaults)
-        self.input_errors = input_errors
         self.objective = str(booster.params.get("objective", "")).split(" ")[0]
-        self.kind = CLASSIFIERS.get(self.objective, "regression")
-        self.num_class = max(int(booster.params.get("num_class", 1)), 2)
-        self.outputs = ("predict",) if self.kind == "regression" else ("predict", "predict_proba")
-        self._size = path.stat().st_size
-
-    def predict(self, inputs: Sequence[np.ndarray], parameters: Mapping[str, Any] | None = None, *,
-                requested: Sequence[str] | None = None,
-                input_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        options = parse_parameters(self.defaults, parameters or {})
-        names = choose_outputs(requested, options.get("predict_proba", False), self.outputs)
-        matrix = as_dtype(stack_inputs(inputs), np.float64)
-        return guarded(self.framework, lambda: self._run(matrix, names), self.input_errors)
+        super().__init__(path, booster, defaults, kind=CLASSIFIERS.get(self.objective, "regression"),
+                         num_class=max(int(booster.params.get("num_class", 1)), 2))
+        self.input_errors = input_errors
 
     def _run(self, matrix: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         raw = np.asarray(self.booster.predict(matrix, num_threads=1))
         if self.kind == "regression":
             return {"predict": raw}
         proba = np.column_stack([1.0 - raw, raw]) if self.kind == "binary" else raw
-        found = {"predict_proba": proba, "predict": np.argmax(proba, axis=1).astype(np.int64)}
-        return {name: found[name] for name in names}
+        return self._classes(proba, np.argmax(proba, axis=1), names)
 
     def input_metadata(self) -> list[dict[str, Any]]:
         return [tensor_info("input-0", np.float64, [-1, self.booster.num_feature()])]
-
-    def output_metadata(self) -> list[dict[str, Any]]:
-        if self.kind == "regression":
-            return [tensor_info("predict", np.float64, [-1])]
-        return [tensor_info("predict", np.int64, [-1]), tensor_info("predict_proba", np.float64, [-1, self.num_class])]
-
-    def size_bytes(self) -> int:
-        """The artifact's size on disk (the text model is larger than the loaded trees: an upper bound)."""
-        return self._size
 
 
 def load(path: Path, defaults: Mapping[str, Any]) -> LightGBMRuntime:

@@ -19,16 +19,15 @@ It exists to keep xgboost out of every other module. Decisions:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rayms.errors import ModelLoadError
-from rayms.frameworks import (
-    as_dtype, choose_outputs, guarded, library_message, parse_parameters, require, stack_inputs, tensor_info,
-)
+from rayms.frameworks import library_message, require, tensor_info
+from rayms.frameworks.boosters import BoosterRuntime
 
 # objective -> (kind, which output the probabilities come from)
 CLASSIFIERS = {
@@ -49,27 +48,18 @@ def _probabilities(raw: np.ndarray, kind: str, source: str) -> np.ndarray:
     return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-class XGBoostRuntime:
+class XGBoostRuntime(BoosterRuntime):
     framework = "xgboost"
+    dtype = np.float32
 
     def __init__(self, path: Path, booster: Any, defaults: Mapping[str, Any]) -> None:
-        self.path, self.booster, self.defaults = path, booster, dict(defaults)
         learner = json.loads(booster.save_config())["learner"]
         self.objective = learner["objective"]["name"]
-        self.kind, self.source = CLASSIFIERS.get(self.objective, ("regression", "value"))
-        self.num_class = max(int(learner["learner_model_param"].get("num_class", "0")), 2)
+        kind, self.source = CLASSIFIERS.get(self.objective, ("regression", "value"))
+        super().__init__(path, booster, defaults, kind=kind,
+                         num_class=max(int(learner["learner_model_param"].get("num_class", "0")), 2))
         best = booster.attr("best_iteration")
         self.iteration_range = (0, int(best) + 1) if best is not None else (0, 0)
-        self.outputs = ("predict",) if self.kind == "regression" else ("predict", "predict_proba")
-        self._size = path.stat().st_size
-
-    def predict(self, inputs: Sequence[np.ndarray], parameters: Mapping[str, Any] | None = None, *,
-                requested: Sequence[str] | None = None,
-                input_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        options = parse_parameters(self.defaults, parameters or {})
-        names = choose_outputs(requested, options.get("predict_proba", False), self.outputs)
-        matrix = as_dtype(stack_inputs(inputs), np.float32)
-        return guarded(self.framework, lambda: self._run(matrix, names), (ValueError, TypeError))
 
     def _run(self, matrix: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         raw = np.asarray(self.booster.inplace_predict(
@@ -78,20 +68,10 @@ class XGBoostRuntime:
             return {"predict": raw}
         proba = _probabilities(raw, self.kind, self.source)
         labels = proba[:, 1] > 0.5 if self.kind == "binary" else np.argmax(proba, axis=1)
-        found = {"predict_proba": proba, "predict": labels.astype(np.int64)}
-        return {name: found[name] for name in names}
+        return self._classes(proba, labels, names)
 
     def input_metadata(self) -> list[dict[str, Any]]:
         return [tensor_info("input-0", np.float32, [-1, self.booster.num_features()])]
-
-    def output_metadata(self) -> list[dict[str, Any]]:
-        if self.kind == "regression":
-            return [tensor_info("predict", np.float32, [-1])]
-        return [tensor_info("predict", np.int64, [-1]), tensor_info("predict_proba", np.float32, [-1, self.num_class])]
-
-    def size_bytes(self) -> int:
-        """The artifact's size on disk (the in-memory trees are smaller than JSON, close to UBJSON)."""
-        return self._size
 
 
 def load(path: Path, defaults: Mapping[str, Any]) -> XGBoostRuntime:
