@@ -25,7 +25,7 @@ from pathlib import Path
 
 import gen_models
 import procs
-from serve_bench import v2_body
+from serve_bench import environment, v2_body
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -152,10 +152,12 @@ def main() -> None:
     line = next((l for l in wrk_out.splitlines() if l.startswith("WRK_JSON ")), "")
     result = json.loads(line.removeprefix("WRK_JSON ") or "{}")
     rps = result.get("requests", 0) / max(result.get("duration_us", 1) / 1e6, 1e-9)
+    print(f"rayms at {environment('')['commit']} ({environment('')['uncommitted'] or 'no uncommitted change'})")
     print(f"load during the profile: {rps:.0f} req/s at c={args.connections}, p50 {result.get('p50_us', 0) / 1000:.1f} "
           f"ms, p99 {result.get('p99_us', 0) / 1000:.1f} ms, errors {result.get('non_2xx', 0)}\n")
     print(f"port {server.port} is answered by: {' '.join(w for w in listeners if w.startswith('users:'))}")
-    print(f"CPU per request by process (over the {args.duration} s sampling window, {rps * args.duration:.0f} requests):")
+    print(f"CPU per request by process (over the {args.duration} s sampling window, "
+          f"{rps * args.duration:.0f} requests):")
     for pid, seconds in sorted(cpu.items(), key=lambda item: -item[1]):
         if seconds > 0:
             print(f"  {1000 * seconds / max(rps * args.duration, 1):6.2f} ms  {seconds / args.duration:4.2f} cores  "

@@ -52,9 +52,10 @@ def predictions(response) -> list:
 
 # ------------------------------------------------------------------------------------------ servers
 def make_server(kind: str, work: Path, repository: Path | None) -> procs.Server:
-    """``repository`` None starts the server with no models."""
+    """``repository`` None starts the server with no models. ``work`` stays short: Ray puts unix sockets
+    under it, and their paths may not exceed 107 bytes."""
     if kind != "floor":
-        return procs.rayms_server(REPO, work / "rayms", args=["--model-repository", str(repository)] if repository else [],
+        return procs.rayms_server(REPO, work, args=["--model-repository", str(repository)] if repository else [],
                                   name=kind, env=SERVERS[kind])
     port = procs.free_port()
     cmd = [sys.executable, str(BENCH / "floor_server.py"), "--port", str(port)]
@@ -130,7 +131,7 @@ def measure_load(server: procs.Server, *, connections: int, args, env: dict) -> 
 def serving_run(kind: str, *, round_no: int, models: Path, manifest: dict, work: Path, args, env: dict) -> dict:
     last = manifest["models"][-1]["name"]
     one_row = v2_body(manifest["probes"][:1])
-    server = make_server(kind, work / f"serve-{round_no}-{kind}", models).start()
+    server = make_server(kind, work / f"s{round_no}-{kind}", models).start()
     record: dict = {"phase": "serve", "server": kind, "round": round_no}
     try:
         record["startup_s"] = round(server.wait_ready(
@@ -160,7 +161,7 @@ def serving_run(kind: str, *, round_no: int, models: Path, manifest: dict, work:
 
 def load_run(kind: str, *, rep: int, manifest: dict, work: Path, args) -> dict:
     """Start empty, then load every model through the repository API, one after the other."""
-    server = make_server(kind, work / f"load-{rep}-{kind}", None).start()
+    server = make_server(kind, work / f"l{rep}-{kind}", None).start()
     record: dict = {"phase": "load", "server": kind, "round": rep}
     try:
         record["startup_empty_s"] = round(server.wait_ready(
@@ -243,7 +244,8 @@ def table(records: list[dict], servers: list[str]) -> str:
                 str(sum(len(r["stop"].get("leftovers_killed", [])) for r in rs)),
             ]) + " |")
     if load:
-        lines += ["", "| server | startup, empty s | load all s | per model ms | load × floor | PSS MB empty → loaded | "
+        lines += ["", "| server | startup, empty s | load all s | per model ms | load × floor | "
+                  "PSS MB empty → loaded | "
                   "load failures | probe mismatches / failures | load s per round |", "|---" * 9 + "|"]
         for kind in servers:
             rs = sorted((r for r in load if r["server"] == kind), key=lambda r: r["round"])
