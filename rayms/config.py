@@ -207,6 +207,9 @@ class Settings(BaseSettings):
     download_timeout_s: float = Field(default=300.0, gt=0)
     """Time limit of one download attempt."""
 
+    load_timeout_s: float = Field(default=600.0, gt=0)
+    """Time a replica has to fetch and load a model before the model is FAILED."""
+
     max_request_bytes: PositiveInt = 64 * 2**20
     """Largest request body accepted (413 beyond)."""
 

@@ -8,6 +8,7 @@ local instance (each can be overridden with the usual ``RAY_*`` variables set be
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 from typing import Any
@@ -29,6 +30,9 @@ LOCAL_RAY_ENV = {
 }
 
 
+HAPROXY_STATE_PREFIX = "rayms-haproxy-"
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -41,7 +45,7 @@ def haproxy_env(host: str = "127.0.0.1") -> dict[str, str]:
     Each model then has a home replica, which answers its requests in-process (direct ingress: no Serve
     proxy, no Ray call per request). Its files and admin ports are private to this instance, so several
     instances can share a machine."""
-    state = tempfile.mkdtemp(prefix="rayms-haproxy-")
+    state = tempfile.mkdtemp(prefix=HAPROXY_STATE_PREFIX)
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": "uri depth 3",
@@ -93,6 +97,11 @@ def stop(settings: Settings | None = None, *, shutdown_ray: bool = True) -> None
     if shutdown_ray:
         serve.shutdown()
         ray.shutdown()
+        state = os.environ.pop("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "")
+        if os.path.basename(state).startswith(HAPROXY_STATE_PREFIX):
+            shutil.rmtree(state, ignore_errors=True)  # HAProxy's config and sockets of this instance
+            for key in [k for k in os.environ if k.startswith("RAY_SERVE_HAPROXY_") or k == "RAY_SERVE_ENABLE_HA_PROXY"]:
+                del os.environ[key]
 
 
 def kill_agents(app_name: str) -> None:

@@ -203,10 +203,15 @@ class ModelRegistry:
                 await self._notify()
             started = time.monotonic()
             try:
-                result = await self._placer.load(name, record.spec, version)
+                # Bounded: a load that never answers (a stuck replica) ends FAILED instead of hanging forever.
+                result = await asyncio.wait_for(self._placer.load(name, record.spec, version),
+                                                timeout=self._settings.load_timeout_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if isinstance(exc, asyncio.TimeoutError):
+                    exc = TimeoutError(f"model {name}: no replica finished loading it within "
+                                       f"{self._settings.load_timeout_s:.0f}s")
                 if self._records.get(name) is record and record.version == version:
                     # Not retried here: a failed model waits for the next register (no hot loop).
                     record.state, record.reason = ModelState.FAILED, _reason(exc)

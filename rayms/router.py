@@ -219,6 +219,47 @@ def add_repository_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
         return _json(await plane.replicas())
 
 
+class GuardMiddleware:
+    """Plain ASGI (on the hot path, so no per-request wrapper objects): errors raised by routes become
+    ``{"error"}`` responses, and inference beyond ``max_in_flight`` gets 503 with Retry-After at once.
+
+    Control and metadata requests are never refused: a load that waits for READY must not count against
+    the inference limit, nor starve the registry's own calls to this replica."""
+
+    def __init__(self, app: Any, max_in_flight: int) -> None:
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        inference = path.endswith("/infer") or path.endswith(":predict")
+        if inference and self.in_flight >= self.max_in_flight:
+            await error_response(Overloaded(
+                f"this replica is at its limit of {self.max_in_flight} inference requests in flight; retry shortly"
+            ))(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        self.in_flight += inference
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise
+            await error_response(exc)(scope, receive, send)
+        finally:
+            self.in_flight -= inference
+
+
 def build_api(plane: DataPlane, settings: Settings) -> FastAPI:
     api = FastAPI(title="rayms", version=plane.server_metadata()["version"], docs_url="/docs", redoc_url=None)
     api.add_exception_handler(Exception, lambda _request, exc: error_response(exc))
@@ -229,33 +270,7 @@ def build_api(plane: DataPlane, settings: Settings) -> FastAPI:
     add_v2_routes(api, plane, limit)
     add_repository_routes(api, plane, limit)
 
-    in_flight = 0
-    max_in_flight = settings.max_ongoing_requests
-
-    @api.middleware("http")
-    async def errors_as_json(request: Request, call_next):  # RaymsError raised in routes, and back-pressure
-        nonlocal in_flight
-        path = request.url.path
-        inference = path.endswith("/infer") or path.endswith(":predict")
-        if not inference:
-            # Control and metadata requests are never refused: a load that waits for READY must not count
-            # against the inference limit (nor starve the registry's own calls to this replica).
-            try:
-                return await call_next(request)
-            except Exception as exc:
-                return error_response(exc)
-        if in_flight >= max_in_flight:
-            # Refuse at once rather than queue without bound: the client retries after Retry-After.
-            return error_response(Overloaded(
-                f"this replica is at its limit of {max_in_flight} inference requests in flight; retry shortly"))
-        in_flight += 1
-        try:
-            return await call_next(request)
-        except Exception as exc:
-            return error_response(exc)
-        finally:
-            in_flight -= 1
-
+    api.add_middleware(GuardMiddleware, max_in_flight=settings.max_ongoing_requests)
     return api
 
 

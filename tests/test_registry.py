@@ -191,3 +191,11 @@ async def test_replicas_that_went_away_leave_the_index(make_registry):
     assert registry.get("a")["replicas"] == ["r1", "r2"]
     await registry.keep_replicas({"r2"})
     assert registry.get("a")["replicas"] == ["r2"]
+
+
+async def test_a_load_that_never_answers_ends_failed(make_registry):
+    registry, placer, _ = make_registry(load_timeout_s=0.2)
+    placer.gate = asyncio.Event()  # never set: the replica never answers
+    await registry.register("stuck", spec(), "repository")
+    status = await settle(registry, "stuck")
+    assert status["state"] == "FAILED" and "no replica finished loading it" in status["reason"]
