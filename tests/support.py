@@ -22,3 +22,20 @@ class DirectRegistry:
 
     async def watch(self, epoch, since, timeout_s=30.0):
         return await self.registry.watch(epoch, since, timeout_s)
+
+
+def v2_body(rows) -> dict:
+    """A V2 infer body with one FP64 input holding ``rows``."""
+    import numpy as np
+
+    rows = np.asarray(rows, dtype=np.float64)
+    return {"inputs": [{"name": "input-0", "shape": list(rows.shape), "datatype": "FP64",
+                        "data": rows.ravel().tolist()}]}
+
+
+def prediction(response):
+    """The ``predict`` output of a V2 infer response, as float64."""
+    import numpy as np
+
+    output = next(o for o in response.json()["outputs"] if o["name"] == "predict")
+    return np.asarray(output["data"], dtype=np.float64)

@@ -26,6 +26,7 @@ from kubernetes import client
 from tests.conftest import Server, free_port, wait_for
 from tests.fake_apiserver import FakeApiServer
 from tests.model_factory import make_data, make_lightgbm, make_onnx, make_sklearn, make_xgboost
+from tests.support import prediction, v2_body
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "kuberay" / "trainedmodel-crd.yaml"
@@ -42,16 +43,6 @@ def trained_model(name: str, uri: str, framework: str, memory: str = "32Mi") -> 
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainedModel", "metadata": {"name": name, "namespace": NS},
             "spec": {"inferenceService": SERVICE, "model": {"storageUri": uri, "framework": framework,
                                                              "memory": memory}}}
-
-
-def v2_body(rows: np.ndarray = ROWS) -> dict:
-    return {"inputs": [{"name": "input-0", "shape": list(rows.shape), "datatype": "FP64",
-                        "data": rows.ravel().tolist()}]}
-
-
-def prediction(response: requests.Response) -> np.ndarray:
-    output = next(o for o in response.json()["outputs"] if o["name"] == "predict")
-    return np.asarray(output["data"], dtype=np.float64)
 
 
 class Cluster:
@@ -146,7 +137,7 @@ def fleet(k8s_app: Server, cluster: Cluster, tmp_path_factory) -> dict[str, tupl
 
 
 def answers_correctly(cluster: Cluster, name: str, expected: Callable) -> None:
-    response = requests.post(cluster.url(name), json=v2_body(), timeout=120)
+    response = requests.post(cluster.url(name), json=v2_body(ROWS), timeout=120)
     assert response.status_code == 200, f"{name}: {response.status_code} {response.text}"
     assert np.allclose(prediction(response), expected(ROWS)), name
 
@@ -187,9 +178,9 @@ def test_deleting_a_trained_model_unloads_it(k8s_app, cluster, fleet):
     answers_correctly(cluster, name, fleet[name][1])
     assert name in resident(k8s_app)
     cluster.delete(name)
-    wait_for(lambda: requests.post(url, json=v2_body(), timeout=60).status_code == 404, timeout_s=120,
+    wait_for(lambda: requests.post(url, json=v2_body(ROWS), timeout=60).status_code == 404, timeout_s=120,
              what=f"{name} answers 404")
-    missing = requests.post(url, json=v2_body(), timeout=60)
+    missing = requests.post(url, json=v2_body(ROWS), timeout=60)
     assert name in missing.json()["error"]
     wait_for(lambda: name not in resident(k8s_app), timeout_s=60, what=f"{name} left every replica")
     assert name not in index(k8s_app)
@@ -213,7 +204,7 @@ class Traffic:
         session = requests.Session()
         while not self._stop.is_set():
             try:
-                response = session.post(self._url, json=v2_body(), timeout=120)
+                response = session.post(self._url, json=v2_body(ROWS), timeout=120)
             except requests.RequestException as exc:
                 with self._lock:
                     self.problems.append(f"{type(exc).__name__}: {exc}")
@@ -301,9 +292,9 @@ def test_bad_trained_models_report_why_and_leave_the_others_alone(k8s_app, clust
     failed_row = wait_for(lambda: (r := index(k8s_app)["bad-storage"])["state"] == "FAILED" and r, timeout_s=60,
                           what="bad-storage FAILED in the index")
     assert unreachable in failed_row["reason"]
-    assert requests.post(cluster.url("bad-framework"), json=v2_body(), timeout=60).status_code == 404
-    assert requests.post(cluster.url("bad-memory"), json=v2_body(), timeout=60).status_code == 404
-    not_ready = requests.post(cluster.url("bad-storage"), json=v2_body(), timeout=60)
+    assert requests.post(cluster.url("bad-framework"), json=v2_body(ROWS), timeout=60).status_code == 404
+    assert requests.post(cluster.url("bad-memory"), json=v2_body(ROWS), timeout=60).status_code == 404
+    not_ready = requests.post(cluster.url("bad-storage"), json=v2_body(ROWS), timeout=60)
     assert not_ready.status_code == 503 and "bad-storage" in not_ready.json()["error"]
 
     wait_for(lambda: cluster.ready("neighbour"), timeout_s=180, what="neighbour Ready")
@@ -333,5 +324,5 @@ def test_deleting_the_rayservice_collects_and_unloads_every_trained_model(k8s_ap
     wait_for(lambda: not index(k8s_app), timeout_s=120, what="every model unregistered")
     wait_for(lambda: not resident(k8s_app), timeout_s=120, what="every replica empty")
     for name, url in urls.items():
-        response = requests.post(url, json=v2_body(), timeout=60)
+        response = requests.post(url, json=v2_body(ROWS), timeout=60)
         assert response.status_code == 404 and name in response.json()["error"], (name, response.text)

@@ -25,6 +25,7 @@ import requests
 from tests.conftest import Server, wait_for
 from tests.model_factory import make_data
 from tests.servers import FileServer, MotoS3, credentials
+from tests.support import prediction, v2_body
 
 ROWS = make_data(n=3, seed=7)[0]
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -45,18 +46,8 @@ def make_offset_model(folder: Path, offset: float) -> tuple[Path, Predict]:
     return path, model.predict
 
 
-def v2_body(rows: np.ndarray = ROWS) -> dict:
-    return {"inputs": [{"name": "input-0", "shape": list(rows.shape), "datatype": "FP64",
-                        "data": rows.ravel().tolist()}]}
-
-
-def prediction(response: requests.Response) -> np.ndarray:
-    output = next(o for o in response.json()["outputs"] if o["name"] == "predict")
-    return np.asarray(output["data"], dtype=np.float64)
-
-
 def infer(server: Server, name: str) -> requests.Response:
-    return server.post(f"/v2/models/{name}/infer", json=v2_body())
+    return server.post(f"/v2/models/{name}/infer", json=v2_body(ROWS))
 
 
 def answers_like(server: Server, name: str, predict: Predict) -> None:
@@ -127,7 +118,7 @@ class Traffic:
             turn += 1
             sent_at = time.monotonic()
             try:
-                response = session.post(f"{self._server.url}/v2/models/{name}/infer", json=v2_body(), timeout=60)
+                response = session.post(f"{self._server.url}/v2/models/{name}/infer", json=v2_body(ROWS), timeout=60)
                 problem, status = self._checks[name](name, response), response.status_code
             except requests.RequestException as exc:
                 problem, status = f"{name}: {type(exc).__name__}: {exc}", -1
