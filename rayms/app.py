@@ -57,7 +57,8 @@ class Registry:
         self._settings = Settings(**settings)
         store = StateStore(self._settings.resolved_state_uri())
         first_start = not store.read()
-        self._registry = ModelRegistry(self._settings, store=store, placer=HandlePlacer(self._app_name()))
+        self._placer = HandlePlacer(self._app_name())
+        self._registry = ModelRegistry(self._settings, store=store, placer=self._placer)
         await self._registry.restore()
         if first_start:
             # Seed from the models file / repository folder only once: afterwards the persisted desired
@@ -71,7 +72,7 @@ class Registry:
 
     async def _prune_dead_replicas(self) -> None:
         """A replica that died reports nothing; ask who is alive now and then, so the index stays true."""
-        placer = self._registry_placer()
+        placer = self._placer
         while True:
             await asyncio.sleep(REPLICA_PRUNE_INTERVAL_S)
             try:
@@ -79,9 +80,6 @@ class Registry:
                 await self._registry.keep_replicas({a["replica"] for a in answers})
             except Exception as exc:  # replicas restarting: try again next round
                 logger.debug("replica census failed: %s", exc)
-
-    def _registry_placer(self) -> "HandlePlacer":
-        return HandlePlacer(self._app_name())
 
     @staticmethod
     def _app_name() -> str:

@@ -75,6 +75,14 @@ class ModelCache:
         return sum(m.charged_bytes for m in self._models.values())
 
     # ---------------------------------------------------------------- getting
+    def hit(self, name: str, version: int) -> LoadedModel | None:
+        """The resident model if it is at ``version`` or newer (marked most recently used), else None."""
+        model = self._models.get(name)
+        if model is None or model.version < version:
+            return None
+        self._models.move_to_end(name)
+        return model
+
     async def get(self, name: str, spec: ModelSpec, version: int) -> LoadedModel:
         """Return the loaded model, loading it on a miss.
 

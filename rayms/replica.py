@@ -114,8 +114,12 @@ class ModelReplica:
                 raise ModelNotFound(name)
         if status["state"] == "UNLOADING":
             raise ModelNotReady(name, status["state"])
-        spec = ModelSpec.parse(status["spec"], name=name)
-        return await self._cache.get(name, spec, int(status["version"]))
+        version = int(status["version"])
+        # The hot path: a resident, current model is served without validating its spec again.
+        model = self._cache.hit(name, version)
+        if model is not None:
+            return model
+        return await self._cache.get(name, ModelSpec.parse(status["spec"], name=name), version)
 
     # ---------------------------------------------------------------- control plane
     async def load_model(self, name: str, spec: dict[str, Any], version: int) -> dict[str, Any]:

@@ -125,3 +125,13 @@ async def test_unload_reports_and_frees():
     assert cache.unload("a") is False
     assert cache.resident() == {} and cache.used_bytes == 0
     assert loads.changes[-1] == ([], ["a"])
+
+
+async def test_hit_serves_only_a_current_resident_model_and_marks_it_recent():
+    cache, _ = make(max_models=2)
+    await cache.get("a", spec("a"), 1)
+    await cache.get("b", spec("b"), 1)
+    assert cache.hit("a", 1).runtime == "runtime-a-v1"  # a is now most recent
+    assert cache.hit("a", 2) is None and cache.hit("zzz", 1) is None
+    await cache.get("c", spec("c"), 1)
+    assert set(cache.resident()) == {"a", "c"}
