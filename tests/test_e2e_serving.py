@@ -7,13 +7,8 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.model_factory import make_data, make_lightgbm, make_sklearn, make_xgboost
+from tests.support import v2_body
 
-
-
-def v2_body(rows: np.ndarray) -> dict:
-    rows = np.asarray(rows, dtype=np.float64)
-    return {"inputs": [{"name": "input-0", "shape": list(rows.shape), "datatype": "FP64",
-                        "data": rows.ravel().tolist()}]}
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,8 @@ def scenario(workdir: Path) -> dict:
     from rayms.config import Settings
     from tests.conftest import free_port, wait_for
     from tests.servers import FileServer
-    from tests.test_e2e_lifecycle import ROWS, make_offset_model, prediction, v2_body
+    from tests.support import prediction, v2_body
+    from tests.test_e2e_lifecycle import ROWS, make_offset_model
 
     disks = {"head": workdir / "disk-head", "worker": workdir / "disk-worker"}
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -70,7 +71,7 @@ def scenario(workdir: Path) -> dict:
             assert response.status_code == 200, response.text
         answers = {}
         for name in MODELS:
-            response = requests.post(f"{url}/v2/models/{name}/infer", json=v2_body(), timeout=120)
+            response = requests.post(f"{url}/v2/models/{name}/infer", json=v2_body(ROWS), timeout=120)
             answers[name] = response.status_code == 200 and bool(np.allclose(prediction(response), expected[name]))
 
         def observe() -> dict:
