@@ -22,6 +22,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from rayms.codecs import (
     InferRequest,
@@ -75,18 +76,28 @@ def error_response(exc: BaseException, request: Request | None = None) -> Respon
                     headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes without reading it all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+async def receive_body(scope: dict, receive: Any, limit: int) -> bytes:
+    """The request body straight from ASGI, refusing more than ``limit`` bytes without reading it all;
+    raises Starlette's ``ClientDisconnect`` when the client goes away first."""
+    for key, value in scope["headers"]:
+        if key == b"content-length" and value.isdigit() and int(value) > limit:
+            raise PayloadTooLarge(f"request body of {value.decode()} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    return await receive_body(request.scope, request.receive, limit)
 
 
 def _json(content: Any, status_code: int = 200) -> Response:
@@ -129,13 +140,9 @@ def add_v1_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
 
     @api.post("/v1/models/{name}:predict")
     async def v1_predict(name: str, request: Request) -> Response:
-        plane.status(name)  # an unknown model is 404 whatever the body holds
-        raw = await read_body(request, limit)
-        with naming_model(name):
-            tensor = Tensor.from_numpy("input-0", decode_v1_request(raw))
-        _, result = await plane.infer(name, InferRequest(id=None, inputs=[tensor]))
-        with naming_model(name):
-            return Response(encode_v1_response(_first_output(result)), media_type=JSON)
+        """Served by :class:`GuardMiddleware` before routing; declared here for the OpenAPI schema."""
+        body, headers = await serve_inference(plane, ("v1", name, None), request.scope, request.receive, limit)
+        return Response(body, headers=headers)
 
 
 def add_v2_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
@@ -177,20 +184,58 @@ def add_v2_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
     @api.post("/v2/models/{name}/infer")
     @api.post("/v2/models/{name}/versions/{model_version}/infer")
     async def infer(name: str, request: Request, model_version: str | None = None) -> Response:
-        plane.status(name, model_version)  # an unknown model or version is 404 whatever the body holds
-        header_length = request.headers.get("inference-header-content-length")
-        raw = await read_body(request, limit)
-        with naming_model(name):
-            try:
-                header_length_int = int(header_length) if header_length is not None else None
-            except ValueError as exc:
-                raise InvalidInput(f"Inference-Header-Content-Length {header_length!r} is not an integer") from exc
-            infer_request = decode_v2_request(raw, header_length_int)
-        answered, result = await plane.infer(name, infer_request, model_version)
-        with naming_model(name):
-            body, headers = encode_v2_response(model_name=name, model_version=answered, request=infer_request,
-                                               result=result)
+        """Served by :class:`GuardMiddleware` before routing; declared here for the OpenAPI schema."""
+        route = ("v2", name, model_version)
+        body, headers = await serve_inference(plane, route, request.scope, request.receive, limit)
         return Response(body, headers=headers)
+
+
+# ------------------------------------------------------------------------------------------ inference
+Route = tuple[str, str, str | None]  # protocol ("v1" or "v2"), model name, model version
+
+
+def inference_route(scope: dict) -> Route | None:
+    """``POST /v2/models/{name}[/versions/{v}]/infer`` and ``POST /v1/models/{name}:predict``, else None."""
+    if scope["method"] != "POST":
+        return None
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    parts = path.split("/")
+    if len(parts) == 5 and parts[4] == "infer" and parts[1] == "v2" and parts[2] == "models" and parts[3]:
+        return "v2", parts[3], None
+    if (len(parts) == 7 and parts[6] == "infer" and parts[1] == "v2" and parts[2] == "models"
+            and parts[4] == "versions" and parts[3] and parts[5]):
+        return "v2", parts[3], parts[5]
+    if len(parts) == 4 and parts[1] == "v1" and parts[2] == "models" and parts[3].endswith(":predict"):
+        name = parts[3][: -len(":predict")]
+        return ("v1", name, None) if name else None
+    return None
+
+
+async def serve_inference(plane: DataPlane, route: Route, scope: dict, receive: Any,
+                          limit: int) -> tuple[bytes, dict[str, str]]:
+    """Answer one inference request: the response body and its headers."""
+    protocol, name, model_version = route
+    plane.status(name, model_version)  # an unknown model or version is 404 whatever the body holds
+    raw = await receive_body(scope, receive, limit)
+    if protocol == "v1":
+        with naming_model(name):
+            tensor = Tensor.from_numpy("input-0", decode_v1_request(raw))
+        _, result = await plane.infer(name, InferRequest(id=None, inputs=[tensor]))
+        with naming_model(name):
+            return encode_v1_response(_first_output(result)), {"content-type": JSON}
+    header_length = next((v for k, v in scope["headers"] if k == b"inference-header-content-length"), None)
+    with naming_model(name):
+        try:
+            header_length_int = int(header_length) if header_length is not None else None
+        except ValueError as exc:
+            raise InvalidInput(f"Inference-Header-Content-Length {header_length.decode(errors='replace')!r} "
+                               "is not an integer") from exc
+        infer_request = decode_v2_request(raw, header_length_int)
+    answered, result = await plane.infer(name, infer_request, model_version)
+    with naming_model(name):
+        return encode_v2_response(model_name=name, model_version=answered, request=infer_request, result=result)
 
 
 def add_repository_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
@@ -220,28 +265,47 @@ def add_repository_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
 
 
 class GuardMiddleware:
-    """Plain ASGI (on the hot path, so no per-request wrapper objects): errors raised by routes become
-    ``{"error"}`` responses, and inference beyond ``max_in_flight`` gets 503 with Retry-After at once.
+    """Plain ASGI in front of FastAPI. Inference requests are answered here, without FastAPI's routing,
+    validation and response objects (a quarter of a replica's CPU per request when they went through it);
+    beyond ``max_in_flight`` of them get 503 with Retry-After at once. Errors raised anywhere become
+    ``{"error"}`` responses.
 
     Control and metadata requests are never refused: a load that waits for READY must not count against
     the inference limit, nor starve the registry's own calls to this replica."""
 
-    def __init__(self, app: Any, max_in_flight: int) -> None:
+    def __init__(self, app: Any, plane: DataPlane, max_in_flight: int, max_request_bytes: int) -> None:
         self.app = app
+        self.plane = plane
         self.max_in_flight = max_in_flight
+        self.limit = max_request_bytes
         self.in_flight = 0
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        route = inference_route(scope) if scope["type"] == "http" else None
+        if route is None:
+            await self._pass_on(scope, receive, send)
             return
-        path = scope["path"]
-        inference = path.endswith("/infer") or path.endswith(":predict")
-        if inference and self.in_flight >= self.max_in_flight:
+        if self.in_flight >= self.max_in_flight:
             await error_response(Overloaded(
                 f"this replica is at its limit of {self.max_in_flight} inference requests in flight; retry shortly"
             ))(scope, receive, send)
             return
+        self.in_flight += 1
+        try:
+            body, headers = await serve_inference(self.plane, route, scope, receive, self.limit)
+        except ClientDisconnect:
+            return
+        except Exception as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        finally:
+            self.in_flight -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-length", str(len(body)).encode()),
+            *((key.encode(), value.encode()) for key, value in headers.items())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _pass_on(self, scope: dict, receive: Any, send: Any) -> None:
         started = False
 
         async def tracked(message: dict) -> None:
@@ -249,15 +313,12 @@ class GuardMiddleware:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        self.in_flight += inference
         try:
             await self.app(scope, receive, tracked)
         except Exception as exc:
-            if started:
+            if started or scope["type"] != "http":
                 raise
             await error_response(exc)(scope, receive, send)
-        finally:
-            self.in_flight -= inference
 
 
 def build_api(plane: DataPlane, settings: Settings) -> FastAPI:
@@ -270,7 +331,8 @@ def build_api(plane: DataPlane, settings: Settings) -> FastAPI:
     add_v2_routes(api, plane, limit)
     add_repository_routes(api, plane, limit)
 
-    api.add_middleware(GuardMiddleware, max_in_flight=settings.max_ongoing_requests)
+    api.add_middleware(GuardMiddleware, plane=plane, max_in_flight=settings.max_ongoing_requests,
+                       max_request_bytes=limit)
     return api
 
 

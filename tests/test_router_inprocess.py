@@ -98,3 +98,42 @@ async def test_before_the_first_registry_answer_unknown_models_get_503_not_404()
         assert early.status_code == 503 and "not heard from the model registry" in early.json()["error"]
         assert early.headers["retry-after"] == "1"
         assert (await http.get("/v2/health/ready")).status_code == 503
+
+
+@pytest.mark.parametrize(("method", "path", "root", "route"), [
+    ("POST", "/v2/models/m/infer", "", ("v2", "m", None)),
+    ("POST", "/v2/models/m/versions/3/infer", "", ("v2", "m", "3")),
+    ("POST", "/v1/models/m:predict", "", ("v1", "m", None)),
+    ("POST", "/rayms/v2/models/m/infer", "/rayms", ("v2", "m", None)),  # deployed under a route prefix
+    ("GET", "/v2/models/m/infer", "", None),  # left to FastAPI: 405
+    ("POST", "/v2/models//infer", "", None),
+    ("POST", "/v2/models/m/versions//infer", "", None),
+    ("POST", "/v1/models/:predict", "", None),
+    ("POST", "/v2/models/m/ready", "", None),
+    ("POST", "/v2/repository/models/m/load", "", None),
+])
+def test_which_requests_take_the_inference_fast_path(method, path, root, route):
+    from rayms.router import inference_route
+
+    assert inference_route({"type": "http", "method": method, "path": path, "root_path": root}) == route
+
+
+async def test_inference_outside_fastapi_answers_like_the_routes(app_and_backend):
+    """Inference is answered before FastAPI's routing; every other path still goes through it."""
+    app, _ = app_and_backend
+    async with client(app) as http:
+        v1 = await http.post("/v1/models/m:predict", json={"instances": [[1.0], [2.0]]})
+        assert (v1.status_code, v1.json(), v1.headers["content-type"]) == (200, {"predictions": [1, 2]},
+                                                                           "application/json")
+        versioned = await http.post("/v2/models/m/versions/1/infer", json=BODY)
+        assert versioned.status_code == 200 and versioned.json()["model_version"] == "1"
+        assert int(versioned.headers["content-length"]) == len(versioned.content)
+        wrong_version = await http.post("/v2/models/m/versions/9/infer", json=BODY)
+        assert wrong_version.status_code == 404 and "9" in wrong_version.json()["error"]
+        too_big = await http.post("/v2/models/m/infer", content=b"x" * (Settings().max_request_bytes + 1))
+        assert too_big.status_code == 413 and "limit" in too_big.json()["error"]
+        bad_header = await http.post("/v2/models/m/infer", content=b"{}",
+                                     headers={"Inference-Header-Content-Length": "ten"})
+        assert bad_header.status_code == 400 and "ten" in bad_header.json()["error"]
+        wrong_method = await http.get("/v2/models/m/infer")
+        assert wrong_method.status_code == 405 and "GET /v2/models/m/infer" in wrong_method.json()["error"]
