@@ -61,6 +61,10 @@ def haproxy_env(host: str = "127.0.0.1") -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(host)),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(host)),
+        # Serve keeps an idle proxy beside HAProxy for when no replica is up; by default it takes the fixed
+        # ports 8500 and 9500, which a second instance on the machine (or anything else) may hold.
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port(host)),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port(host)),
     }
 
 

@@ -1,0 +1,24 @@
+"""The local mode's HAProxy environment: nothing on a fixed port, nothing shared between instances."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from rayms.local import haproxy_env
+
+
+def test_every_port_and_file_of_haproxy_mode_is_private_to_one_instance():
+    first, second = haproxy_env(), haproxy_env()
+    try:
+        for env in (first, second):
+            ports = {key: int(value) for key, value in env.items() if key.endswith("_PORT")}
+            # Serve's idle fallback proxy defaults to 8500/9500: two instances on one machine would collide.
+            assert {"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"} <= set(ports)
+            assert not {8500, 9500} & set(ports.values())
+            assert Path(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]).is_dir()
+        assert first["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] != second["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
+        assert first["RAY_SERVE_HAPROXY_SOCKET_PATH"] != second["RAY_SERVE_HAPROXY_SOCKET_PATH"]
+    finally:
+        for env in (first, second):
+            shutil.rmtree(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
