@@ -22,6 +22,8 @@ from pathlib import Path
 
 import requests
 
+from rayms.ports import free_port
+
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
@@ -115,6 +117,9 @@ def describe(pids: set[int]) -> list[str]:
         if name.startswith("python"):  # name the script or module instead of the interpreter
             if "-m" in words[:-1]:
                 name = f"python -m {words[words.index('-m') + 1]}"
+            elif "-c" in words[:-1] and "from" in words and words.index("from") + 1 < len(words):
+                # multiprocessing's children: ``python -c "from multiprocessing.spawn import spawn_main; ..."``
+                name = f"python -c {words[words.index('from') + 1]}"
             else:
                 name = next((w.rsplit("/", 1)[-1] for w in words[1:] if not w.startswith("-")), name)
         names.append(name)
@@ -256,14 +261,6 @@ def busy_cpu_seconds() -> float:
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]
     return (sum(fields[:8]) - idle) / TICKS_PER_S
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rayms_command(repo_root: Path) -> list[str]:

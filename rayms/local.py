@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from typing import Any
 
@@ -18,6 +17,7 @@ from ray import serve
 
 from rayms.app import build_app
 from rayms.config import Settings
+from rayms.ports import free_port
 
 LOCAL_RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -31,12 +31,6 @@ LOCAL_RAY_ENV = {
 
 
 HAPROXY_STATE_PREFIX = "rayms-haproxy-"
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def haproxy_env(host: str = "127.0.0.1") -> dict[str, str]:
@@ -59,12 +53,12 @@ def haproxy_env(host: str = "127.0.0.1") -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{state}/server-state",
         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(host)),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(host)),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(host)),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(host)),
         # Serve keeps an idle proxy beside HAProxy for when no replica is up; by default it takes the fixed
         # ports 8500 and 9500, which a second instance on the machine (or anything else) may hold.
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port(host)),
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port(host)),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port(host)),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port(host)),
     }
 
 

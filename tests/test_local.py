@@ -22,3 +22,13 @@ def test_every_port_and_file_of_haproxy_mode_is_private_to_one_instance():
     finally:
         for env in (first, second):
             shutil.rmtree(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
+
+
+def test_free_ports_avoid_the_ephemeral_range_and_rays_own_ranges():
+    from rayms.ports import PORT_RANGE, free_port
+
+    low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = {free_port() for _ in range(20)}
+    assert all(PORT_RANGE[0] <= port <= PORT_RANGE[1] for port in ports)
+    assert not any(low <= port <= high for port in ports)  # never where outgoing connections draw from
+    assert len(ports) > 1  # random, so instances starting together do not pick the same one
