@@ -1,8 +1,10 @@
-"""Serving benchmark: rayms against a bare FastAPI+uvicorn floor on the same small models, one server at a time.
+"""Serving benchmark: rayms, MLServer and KServe against a bare FastAPI+uvicorn floor on the same small models,
+one server at a time.
 
     .venv/bin/python benchmarks/serve_bench.py --models 100 --rounds 3
 
-Each round starts each server, measures it, and stops it before the next starts:
+MLServer and KServe's model server run from venvs of their own under ``benchmarks/.venvs/`` that the first run
+creates (``peers.py``). Each round starts each server, measures it, and stops it before the next starts:
 
 * startup: spawn until ``GET /v2/health/ready`` is 200 and an infer on the last model is 200;
 * correctness: one request per model with every probe row, compared with scikit-learn in this process;
@@ -11,8 +13,8 @@ Each round starts each server, measures it, and stops it before the next starts:
   connections, after a discarded warm-up; CPU of the server's processes during the measured run.
 
 A second phase starts each server empty and loads every model through ``POST /v2/repository/models/{name}/load``
-one after the other. The table shows medians over rounds and the ratio to the floor of the same round; raw
-records go to ``benchmarks/results/``. See ``benchmarks/README.md`` for what each figure means.
+one after the other. The table shows medians over rounds and the ratios to the floor and to MLServer of the same
+round; raw records go to ``benchmarks/results/``. See ``benchmarks/README.md`` for what each figure means.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ from importlib.metadata import version
 from pathlib import Path
 
 import gen_models
+import peers
 import procs
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 # rayms as ``rayms serve`` runs it, and with the two-hop layout (Serve proxy -> Router -> model replica).
-SERVERS = {"floor": None, "rayms": {}, "rayms-router": {"RAYMS_INGRESS": "router"}}
+RAYMS = {"rayms": {}, "rayms-router": {"RAYMS_INGRESS": "router"}}
+SERVERS = ["floor", *peers.SERVERS, *RAYMS]
+DEFAULT_SERVERS = "floor,mlserver,kserve,rayms"
 
 
 def v2_body(rows: list[list[float]]) -> dict:
@@ -46,21 +51,27 @@ def v2_body(rows: list[list[float]]) -> dict:
 
 
 def predictions(response) -> list:
+    """The class labels of a V2 answer: the output named ``predict``. Every server here names it so by default
+    (MLServer's scikit-learn runtime answers ``predict`` alone unless asked for more, with shape [n, 1] and the
+    same flat data); the first output stands in only if none is."""
     outputs = response.json()["outputs"]
     return next((o for o in outputs if o["name"] == "predict"), outputs[0])["data"]
 
 
 # ------------------------------------------------------------------------------------------ servers
-def make_server(kind: str, work: Path, repository: Path | None) -> procs.Server:
-    """``repository`` None starts the server with no models. ``work`` stays short: Ray puts unix sockets
-    under it, and their paths may not exceed 107 bytes."""
-    if kind != "floor":
-        return procs.rayms_server(REPO, work, args=["--model-repository", str(repository)] if repository else [],
-                                  name=kind, env=SERVERS[kind])
+def make_server(kind: str, work: Path, models: Path, *, preload: bool) -> procs.Server:
+    """``preload`` False starts the server with no models: rayms and the floor are then told where each model is
+    when asked to load it; MLServer and KServe still get ``models`` as their repository and load by name from
+    it. ``work`` stays short: Ray puts unix sockets under it, and their paths may not exceed 107 bytes."""
+    if kind in RAYMS:
+        return procs.rayms_server(REPO, work, args=["--model-repository", str(models)] if preload else [],
+                                  name=kind, env=RAYMS[kind])
+    if kind in peers.SERVERS:
+        return peers.make_server(kind, work, models, preload=preload)
     port = procs.free_port()
     cmd = [sys.executable, str(BENCH / "floor_server.py"), "--port", str(port)]
-    if repository:
-        cmd += ["--model-repository", str(repository)]
+    if preload:
+        cmd += ["--model-repository", str(models)]
     work.mkdir(parents=True, exist_ok=True)
     return procs.Server(name="floor", cmd=cmd, port=port, log_path=work / "floor.log")
 
@@ -68,6 +79,14 @@ def make_server(kind: str, work: Path, repository: Path | None) -> procs.Server:
 def all_ready(server: procs.Server, count: int) -> bool:
     rows = server.post("/v2/repository/index", json={}).json()
     return sum(row["state"] == "READY" for row in rows) >= count
+
+
+def load_body(kind: str, model: dict) -> dict | None:
+    """The body of ``POST /v2/repository/models/{name}/load``: where the model is for rayms and the floor; none
+    for MLServer and KServe, whose repository API loads ``name`` from the folder they were started with."""
+    if kind in peers.SERVERS:
+        return None
+    return {"storageUri": str(Path(model["path"]).parent), "framework": "sklearn"}
 
 
 def check_predictions(server: procs.Server, manifest: dict) -> dict:
@@ -131,14 +150,14 @@ def measure_load(server: procs.Server, *, connections: int, args, env: dict) -> 
 def serving_run(kind: str, *, round_no: int, models: Path, manifest: dict, work: Path, args, env: dict) -> dict:
     last = manifest["models"][-1]["name"]
     one_row = v2_body(manifest["probes"][:1])
-    server = make_server(kind, work / f"s{round_no}-{kind}", models).start()
+    server = make_server(kind, work / f"s{round_no}-{kind}", models, preload=True).start()
     record: dict = {"phase": "serve", "server": kind, "round": round_no}
     try:
         record["startup_s"] = round(server.wait_ready(
             lambda: server.get("/v2/health/ready").status_code == 200
             and server.post(f"/v2/models/{last}/infer", json=one_row).status_code == 200,
             timeout_s=args.start_timeout), 2)
-        if kind != "floor":
+        if kind in RAYMS:  # rayms's repository index; the others load every model before the probe can pass
             record["all_ready_s"] = round(server.wait_ready(lambda: all_ready(server, len(manifest["models"])),
                                                             timeout_s=args.start_timeout), 2)
         started = time.monotonic()
@@ -159,9 +178,9 @@ def serving_run(kind: str, *, round_no: int, models: Path, manifest: dict, work:
     return record
 
 
-def load_run(kind: str, *, rep: int, manifest: dict, work: Path, args) -> dict:
+def load_run(kind: str, *, rep: int, models: Path, manifest: dict, work: Path, args) -> dict:
     """Start empty, then load every model through the repository API, one after the other."""
-    server = make_server(kind, work / f"l{rep}-{kind}", None).start()
+    server = make_server(kind, work / f"l{rep}-{kind}", models, preload=False).start()
     record: dict = {"phase": "load", "server": kind, "round": rep}
     try:
         record["startup_empty_s"] = round(server.wait_ready(
@@ -170,8 +189,8 @@ def load_run(kind: str, *, rep: int, manifest: dict, work: Path, args) -> dict:
         failed = []
         started = time.monotonic()
         for model in manifest["models"]:
-            body = {"storageUri": str(Path(model["path"]).parent), "framework": "sklearn"}
-            response = server.post(f"/v2/repository/models/{model['name']}/load", json=body, timeout=600)
+            response = server.post(f"/v2/repository/models/{model['name']}/load", json=load_body(kind, model),
+                                   timeout=600)
             if response.status_code != 200:
                 failed.append(f"{model['name']}: {response.status_code} {response.text[:200]}")
         record["loads_s"] = round(time.monotonic() - started, 2)
@@ -196,81 +215,97 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def per_round_ratio(records: list[dict], value, kind: str) -> float:
-    """Median over rounds of value(kind's record) / value(floor's record) of the same round."""
+def per_round_ratio(records: list[dict], value, kind: str, base: str = "floor") -> float:
+    """Median over rounds of value(kind's record) / value(base's record) of the same round."""
     by = {(r["server"], r["round"]): r for r in records}
-    ratios = [value(by[(kind, n)]) / value(by[("floor", n)]) for (s, n) in by if s == kind and ("floor", n) in by]
+    ratios = [value(by[(kind, n)]) / value(by[(base, n)]) for (s, n) in by if s == kind and (base, n) in by]
     return median(ratios)
+
+
+def row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def header(names: list[str]) -> list[str]:
+    return [row(names), "|---" * len(names) + "|"]
 
 
 def table(records: list[dict], servers: list[str]) -> str:
     serve = [r for r in records if r["phase"] == "serve" and "c16" in r]
     load = [r for r in records if r["phase"] == "load" and "correctness" in r]
-    lines = [
-        "| server | startup s | c=1 p50 ms | c=1 p99 ms | c=16 req/s | c=16 p99 ms | c=16 req/s ÷ floor | "
-        "c=1 p50 × floor | CPU ms/req (c=16) | CPU/req × floor | server cores (c=16) | PSS MB | RSS MB | "
-        "processes | probe mismatches / failures | wrk errors | other load on the box, cores (c=16) |",
-        "|---" * 17 + "|",
+    # Ratios to MLServer only when it was measured; each is against MLServer's record of the same round.
+    vs_mlserver = "mlserver" in servers
+    rps, p50 = (lambda r: r["c16"]["rps"]), (lambda r: r["c1"]["p50_ms"])
+    p99, cpu = (lambda r: r["c16"]["p99_ms"]), (lambda r: r["c16"]["server_cpu_ms_per_req"])
+    pss = lambda r: r["memory"]["pss_mb"]  # noqa: E731
+    columns = [  # (header, cell of a kind's records)
+        ("startup s", lambda k, rs: f"{median([r['startup_s'] for r in rs]):.1f}"),
+        ("c=1 p50 ms", lambda k, rs: f"{median([p50(r) for r in rs]):.2f}"),
+        ("c=1 p99 ms", lambda k, rs: f"{median([r['c1']['p99_ms'] for r in rs]):.2f}"),
+        ("c=16 req/s", lambda k, rs: f"{median([rps(r) for r in rs]):.0f}"),
+        ("c=16 p99 ms", lambda k, rs: f"{median([p99(r) for r in rs]):.1f}"),
+        ("c=16 req/s ÷ floor", lambda k, rs: f"{per_round_ratio(serve, rps, k):.2f}"),
+        ("c=1 p50 × floor", lambda k, rs: f"{per_round_ratio(serve, p50, k):.1f}"),
+        ("CPU ms/req (c=16)", lambda k, rs: f"{median([cpu(r) for r in rs]):.2f}"),
+        ("CPU/req × floor", lambda k, rs: f"{per_round_ratio(serve, cpu, k):.1f}"),
+        *([("c=16 req/s ÷ MLServer", lambda k, rs: f"{per_round_ratio(serve, rps, k, 'mlserver'):.2f}"),
+           ("c=1 p50 × MLServer", lambda k, rs: f"{per_round_ratio(serve, p50, k, 'mlserver'):.1f}"),
+           ("c=16 p99 × MLServer", lambda k, rs: f"{per_round_ratio(serve, p99, k, 'mlserver'):.1f}"),
+           ("CPU/req × MLServer", lambda k, rs: f"{per_round_ratio(serve, cpu, k, 'mlserver'):.1f}"),
+           ("PSS × MLServer", lambda k, rs: f"{per_round_ratio(serve, pss, k, 'mlserver'):.1f}")]
+          if vs_mlserver else []),
+        ("server cores (c=16)", lambda k, rs: f"{median([r['c16']['server_cores'] for r in rs]):.2f}"),
+        ("PSS MB", lambda k, rs: f"{median([pss(r) for r in rs]):.0f}"),
+        ("RSS MB", lambda k, rs: f"{median([r['memory']['rss_mb'] for r in rs]):.0f}"),
+        ("processes", lambda k, rs: f"{median([r['memory']['processes'] for r in rs]):.0f}"),
+        ("probe mismatches / failures", lambda k, rs: f"{sum(r['correctness']['mismatches'] for r in rs)} / "
+                                                      f"{sum(r['correctness']['failures'] for r in rs)}"),
+        ("wrk errors", lambda k, rs: f"{sum(r['c1']['errors'] + r['c16']['errors'] for r in rs)}"),
+        ("other load on the box, cores (c=16)", lambda k, rs: joined(r["c16"]["other_cores"] for r in rs)),
     ]
-    for kind in servers:
-        rs = [r for r in serve if r["server"] == kind]
-        if not rs:
-            continue
-        pick = lambda f: median([f(r) for r in rs])  # noqa: E731
-        lines.append("| " + " | ".join([
-            kind, f"{pick(lambda r: r['startup_s']):.1f}", f"{pick(lambda r: r['c1']['p50_ms']):.2f}",
-            f"{pick(lambda r: r['c1']['p99_ms']):.2f}", f"{pick(lambda r: r['c16']['rps']):.0f}",
-            f"{pick(lambda r: r['c16']['p99_ms']):.1f}",
-            f"{per_round_ratio(serve, lambda r: r['c16']['rps'], kind):.2f}",
-            f"{per_round_ratio(serve, lambda r: r['c1']['p50_ms'], kind):.1f}",
-            f"{pick(lambda r: r['c16']['server_cpu_ms_per_req']):.2f}",
-            f"{per_round_ratio(serve, lambda r: r['c16']['server_cpu_ms_per_req'], kind):.1f}",
-            f"{pick(lambda r: r['c16']['server_cores']):.2f}", f"{pick(lambda r: r['memory']['pss_mb']):.0f}",
-            f"{pick(lambda r: r['memory']['rss_mb']):.0f}", f"{pick(lambda r: r['memory']['processes']):.0f}",
-            f"{sum(r['correctness']['mismatches'] for r in rs)} / {sum(r['correctness']['failures'] for r in rs)}",
-            f"{sum(r['c1']['errors'] + r['c16']['errors'] for r in rs)}",
-            joined(r["c16"]["other_cores"] for r in sorted(rs, key=lambda r: r["round"])),
-        ]) + " |")
-    lines.append("")
-    lines.append("| server | c=16 req/s per round | startup s per round | all models READY s | stop s | "
-                 "leftover processes killed |")
-    lines.append("|---" * 6 + "|")
-    for kind in servers:
-        rs = sorted((r for r in serve if r["server"] == kind), key=lambda r: r["round"])
-        if rs:
-            lines.append("| " + " | ".join([
-                kind, joined(r["c16"]["rps"] for r in rs), joined(r["startup_s"] for r in rs),
-                joined(r.get("all_ready_s", r["startup_s"]) for r in rs), joined(r["stop"].get("stop_s") for r in rs),
-                str(sum(len(r["stop"].get("leftovers_killed", [])) for r in rs)),
-            ]) + " |")
+    by_kind = {kind: sorted((r for r in serve if r["server"] == kind), key=lambda r: r["round"]) for kind in servers}
+    lines = header(["server", *(name for name, _ in columns)])
+    lines += [row([kind, *(cell(kind, rs) for _, cell in columns)]) for kind, rs in by_kind.items() if rs]
+    lines += ["", *header(["server", "c=16 req/s per round", "startup s per round", "all models READY s", "stop s",
+                           "leftover processes killed"])]
+    lines += [row([kind, joined(rps(r) for r in rs), joined(r["startup_s"] for r in rs),
+                   joined(r.get("all_ready_s", r["startup_s"]) for r in rs),
+                   joined(r["stop"].get("stop_s") for r in rs),
+                   str(sum(len(r["stop"].get("leftovers_killed", [])) for r in rs))])
+              for kind, rs in by_kind.items() if rs]
     if load:
-        lines += ["", "| server | startup, empty s | load all s | per model ms | load × floor | "
-                  "PSS MB empty → loaded | "
-                  "load failures | probe mismatches / failures | load s per round |", "|---" * 9 + "|"]
+        loads = lambda r: r["loads_s"]  # noqa: E731
+        lines += ["", *header(["server", "startup, empty s", "load all s", "per model ms", "load × floor",
+                               *(["load × MLServer"] if vs_mlserver else []), "PSS MB empty → loaded",
+                               "load failures", "probe mismatches / failures", "load s per round"])]
         for kind in servers:
             rs = sorted((r for r in load if r["server"] == kind), key=lambda r: r["round"])
             if not rs:
                 continue
-            loads = median([r["loads_s"] for r in rs])
+            seconds = median([loads(r) for r in rs])
             count = rs[0]["correctness"]["requests"]
-            lines.append("| " + " | ".join([
-                kind, f"{median([r['startup_empty_s'] for r in rs]):.1f}", f"{loads:.2f}",
-                f"{1000 * loads / count:.0f}", f"{per_round_ratio(load, lambda r: r['loads_s'], kind):.1f}",
+            lines.append(row([
+                kind, f"{median([r['startup_empty_s'] for r in rs]):.1f}", f"{seconds:.2f}",
+                f"{1000 * seconds / count:.0f}", f"{per_round_ratio(load, loads, kind):.1f}",
+                *([f"{per_round_ratio(load, loads, kind, 'mlserver'):.1f}"] if vs_mlserver else []),
                 f"{median([r['memory_empty']['pss_mb'] for r in rs]):.0f} → "
                 f"{median([r['memory_loaded']['pss_mb'] for r in rs]):.0f}",
                 f"{sum(len(r['load_failures']) for r in rs)}",
                 f"{sum(r['correctness']['mismatches'] for r in rs)} / {sum(r['correctness']['failures'] for r in rs)}",
-                joined(r["loads_s"] for r in rs),
-            ]) + " |")
+                joined(loads(r) for r in rs),
+            ]))
     return "\n".join(lines)
 
 
-def environment(wrk_version: str) -> dict:
-    """Versions, and which rayms code ran: the commit plus any uncommitted change to ``rayms/``."""
+def environment(wrk_version: str, venvs: dict[str, dict]) -> dict:
+    """Versions (the peers' read from their venvs), and which rayms code ran: the commit plus any uncommitted
+    change to ``rayms/``."""
     packages = ("ray", "fastapi", "uvicorn", "scikit-learn", "numpy", "orjson")
     git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa: E731
     return {"python": platform.python_version(), "cpus": os.cpu_count(), "wrk": wrk_version,
             **{name: version(name) for name in packages},
+            "peers": {kind: info | {"versions": peers.installed(info["python"], peers.REPORTED[kind])}
+                      for kind, info in venvs.items()},
             "commit": git("rev-parse", "--short", "HEAD"), "uncommitted": git("status", "--porcelain", "rayms")}
 
 
@@ -281,7 +316,8 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10, help="seconds of each measured wrk run")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of the discarded run before each")
     parser.add_argument("--phases", default="serve,load", help="serve, load or both (comma-separated)")
-    parser.add_argument("--servers", default="floor,rayms", help=f"from {', '.join(SERVERS)} (comma-separated)")
+    parser.add_argument("--servers", default=DEFAULT_SERVERS,
+                        help=f"from {', '.join(SERVERS)} (comma-separated; the floor is required)")
     parser.add_argument("--start-timeout", type=float, default=300.0)
     parser.add_argument("--results", type=Path, default=BENCH / "results")
     args = parser.parse_args()
@@ -290,6 +326,12 @@ def main() -> None:
     servers = args.servers.split(",")
     if "floor" not in servers or set(servers) - set(SERVERS):
         raise SystemExit(f"--servers: the floor plus any of {', '.join(SERVERS)}")
+    venvs = {}
+    for kind in (k for k in servers if k in peers.SERVERS):  # created on the first run, reused afterwards
+        venvs[kind] = peers.ensure_venv(kind)
+        info = venvs[kind]
+        print(f"{kind} venv {'reused' if info['reused'] else 'created'} (installed in {info['install_s']} s): "
+              + " ".join(info["requirements"]), flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="rb-", dir="/tmp"))  # short: Ray's socket paths live under it
     records: list[dict] = []
@@ -314,13 +356,14 @@ def main() -> None:
                       + (f"\n  FAILED: {record['error']}" if "error" in record else ""), flush=True)
         for rep in range(1, args.rounds + 1) if "load" in phases else ():
             for kind in servers:
-                record = load_run(kind, rep=rep, manifest=manifest, work=work, args=args)
+                record = load_run(kind, rep=rep, models=models, manifest=manifest, work=work, args=args)
                 records.append(record)
                 print(f"load round {rep} {kind}: {record.get('loads_s')} s, stop {record['stop']}"
                       + (f"\n  FAILED: {record['error']}" if "error" in record else ""), flush=True)
     finally:
         out.write_text(json.dumps({"command": " ".join(sys.argv), "started": stamp, "args": vars(args) | {
-            "results": str(args.results)}, "environment": environment(wrk_version), "records": records}, indent=1))
+            "results": str(args.results)}, "environment": environment(wrk_version, venvs), "records": records},
+            indent=1))
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{table(records, servers)}\n\nraw records: {out}")
 
