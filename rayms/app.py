@@ -100,7 +100,9 @@ class Registry:
     async def watch(self, epoch: str | None, since: int, timeout_s: float = 30.0) -> dict[str, Any]:
         return await self._registry.watch(epoch, since, timeout_s)
 
-    async def wait_settled(self, name: str, timeout_s: float) -> dict[str, Any]:
+    async def load(self, name: str, spec: dict[str, Any], source: str, timeout_s: float) -> dict[str, Any]:
+        """Register and wait until READY or FAILED, in one call (the repository API's load)."""
+        await self._registry.register(name, spec, source)
         return await self._registry.wait_settled(name, timeout_s)
 
     async def report(self, name: str, version: int, state: str, reason: str = "") -> None:

@@ -32,9 +32,8 @@ class Backend(Protocol):
 
     async def infer(self, name: str, request: InferRequest) -> InferResult: ...
     async def metadata(self, name: str) -> dict[str, Any]: ...
-    async def register(self, name: str, spec: dict[str, Any], source: str) -> dict[str, Any]: ...
+    async def load(self, name: str, spec: dict[str, Any], source: str, timeout_s: float) -> dict[str, Any]: ...
     async def unregister(self, name: str) -> None: ...
-    async def wait_settled(self, name: str, timeout_s: float) -> dict[str, Any]: ...
     async def replicas(self) -> list[dict[str, Any]]: ...
 
 
@@ -132,9 +131,9 @@ class DataPlane:
         """Register ``name`` and wait until it is READY (200) or FAILED (error), like Triton's load."""
         validate_model_name(name)
         spec = self._spec_for(name, body)
-        await self._backend.register(name, spec.to_wire() | {"parameters": spec.parameters}, source)
-        status = await self._backend.wait_settled(name, LOAD_TIMEOUT_S)
-        # The view's long poll may answer after wait_settled: take the status now, so the caller's next request
+        status = await self._backend.load(name, spec.to_wire() | {"parameters": spec.parameters}, source,
+                                          LOAD_TIMEOUT_S)
+        # The view's long poll may answer after the load settled: take the status now, so the caller's next request
         # sees the model (a full refresh per load would cost a copy of every changed model, per load).
         self._view.note(status)
         if status["state"] == "FAILED":

@@ -19,7 +19,7 @@ import ray
 from ray import serve
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from rayms import frameworks
+from rayms import frameworks, storage
 from rayms._serve_private import report_model_ids
 from rayms.agent import ArtifactAgent
 from rayms.codecs import InferRequest, InferResult, Tensor
@@ -157,7 +157,10 @@ class ModelReplica:
         started = time.perf_counter()
         self._routing_dirty = True  # announce "loading here" early so Serve routes this model's requests here
         try:
-            path = await self._agent.fetch.remote(name, spec)
+            # A local, unpacked artifact is read where it is: no copy to make, so no call to the node's agent.
+            path = await asyncio.to_thread(storage.in_place, spec.storage_uri, settings=self._settings)
+            if path is None:
+                path = await self._agent.fetch.remote(name, spec)
         except Exception as exc:
             raise _unwrap(exc) from None
         self._registry.report.remote(name, version, "LOADING")

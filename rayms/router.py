@@ -360,14 +360,11 @@ class HandleBackend:
     async def metadata(self, name: str) -> dict[str, Any]:
         return await self._models.options(multiplexed_model_id=name).model_metadata.remote(name)
 
-    async def register(self, name: str, spec: dict[str, Any], source: str) -> dict[str, Any]:
-        return await self.registry.register.remote(name, spec, source)
+    async def load(self, name: str, spec: dict[str, Any], source: str, timeout_s: float) -> dict[str, Any]:
+        return await self.registry.load.remote(name, spec, source, timeout_s)
 
     async def unregister(self, name: str) -> None:
         await self.registry.unregister.remote(name)
-
-    async def wait_settled(self, name: str, timeout_s: float) -> dict[str, Any]:
-        return await self.registry.wait_settled.remote(name, timeout_s)
 
     async def replicas(self) -> list[dict[str, Any]]:
         return await self._models.broadcast("resident").results_async()
