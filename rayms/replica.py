@@ -43,13 +43,26 @@ class NodeAgent(ArtifactAgent):
         super().__init__(settings, on_event=Metrics().record_download)
 
 
+def _agent_name(settings: Settings) -> str:
+    return f"{settings.app_name}-agent-{ray.get_runtime_context().get_node_id()[:16]}"
+
+
+def existing_node_agent(settings: Settings) -> Any | None:
+    """The artifact agent actor of this node if some replica here has needed one (blocking lookup)."""
+    try:
+        return ray.get_actor(_agent_name(settings), namespace="rayms")
+    except ValueError:
+        return None
+
+
 def node_agent(settings: Settings) -> Any:
-    """The artifact agent actor of the node this process runs on, created on first use."""
+    """The artifact agent actor of the node this process runs on, created on first use. It starts only
+    when a model needs copying or unpacking: a node that serves local artifacts in place never runs one."""
     node_id = ray.get_runtime_context().get_node_id()
     return (
         ray.remote(NodeAgent)
         .options(
-            name=f"{settings.app_name}-agent-{node_id[:16]}",
+            name=_agent_name(settings),
             namespace="rayms",
             get_if_exists=True,
             lifetime="detached",
@@ -72,7 +85,7 @@ class ModelReplica:
         self._replica_id = context.replica_id.unique_id
         self._node_id = ray.get_runtime_context().get_node_id()
         self._registry = serve.get_deployment_handle(REGISTRY, context.app_name)
-        self._agent = node_agent(self._settings)
+        self._agent: Any | None = None  # this node's artifact agent, looked up or started when first needed
         self._metrics = Metrics()
         self._cache = ModelCache(
             max_models=self._settings.max_models_per_replica,
@@ -137,7 +150,10 @@ class ModelReplica:
         dropped = self._cache.unload(name)
         if spec is not None:
             try:
-                await self._agent.evict.remote(name, ModelSpec.parse(spec, name=name))
+                if self._agent is None:
+                    self._agent = await asyncio.to_thread(existing_node_agent, self._settings)
+                if self._agent is not None:  # no agent on this node: nothing of this model was copied here
+                    await self._agent.evict.remote(name, ModelSpec.parse(spec, name=name))
             except Exception as exc:
                 logger.warning("model %s: cache eviction failed: %s", name, exc)
         return {"replica": self._replica_id, "dropped": dropped}
@@ -160,6 +176,8 @@ class ModelReplica:
             # A local, unpacked artifact is read where it is: no copy to make, so no call to the node's agent.
             path = await asyncio.to_thread(storage.in_place, spec.storage_uri, settings=self._settings)
             if path is None:
+                if self._agent is None:
+                    self._agent = node_agent(self._settings)
                 path = await self._agent.fetch.remote(name, spec)
         except Exception as exc:
             raise _unwrap(exc) from None

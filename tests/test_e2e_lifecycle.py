@@ -56,6 +56,14 @@ def answers_like(server: Server, name: str, predict: Predict) -> None:
     assert np.allclose(prediction(response), predict(ROWS)), name
 
 
+def node_agents(app_name: str) -> list[str]:
+    """The artifact agent actors of one application, on any node."""
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "rayms" and a["name"].startswith(f"{app_name}-agent-")]
+
+
 def expect(predict: Predict, also: tuple[int, ...] = ()) -> Check:
     """A traffic check: 200 with ``predict``'s answer, or one of the statuses in ``also``."""
     def check(name: str, response: requests.Response) -> str | None:
@@ -236,6 +244,7 @@ def test_more_models_than_a_replica_holds_are_evicted_lru_and_reload(small_app, 
         [replica] = small_app.replicas()
         assert list(replica["models"]) == names[3:], "the four most recently loaded stay"
         evictions = replica["evictions"]
+        assert node_agents("lifecycle") == [], "local files are read in place: no agent process is started"
 
         for name in names:  # every request succeeds; each miss reloads one model and evicts the LRU one
             answers_like(small_app, name, models[name][1])
@@ -294,6 +303,7 @@ def test_flaky_http_source_is_retried_until_ready(small_app, file_server, tmp_pa
         assert file_server.requests["/flaky/model.joblib"] == 3, "two 503s, then the download"
         assert index(small_app)["src-flaky"]["state"] == "READY"
         answers_like(small_app, "src-flaky", predict)
+        assert len(node_agents("lifecycle")) == 1, "a download starts the node's agent"
     finally:
         unload_all(small_app, ["src-flaky"])
 
