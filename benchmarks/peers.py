@@ -1,15 +1,22 @@
-"""Peer servers for ``serve_bench.py``: MLServer and KServe's Python model server, each in a venv of its own.
+"""Peer servers for ``serve_bench.py``: MLServer and KServe's Python model server, each in a venv of its own,
+and the venv rayms itself is measured from.
 
 Each peer gets ``benchmarks/.venvs/<kind>``, created with ``python3.11 -m venv`` and holding the peer's pinned
 release plus the scikit-learn, numpy and joblib versions of the project venv (read at run time), so the
 pickled models load into the same code that fitted them. A venv whose marker file lists exactly the
 requirement lines wanted is reused as it is; anything else is rebuilt from scratch.
 
-    .venv/bin/python benchmarks/peers.py [mlserver kserve]     # create or check the venvs only
+rayms runs from ``benchmarks/.venvs/rayms``: rayms installed as a user installs it (its own dependencies, at
+the versions of ``.ci/constraints.txt``), without the project venv's test tools. One of those, KServe's
+client, brings pandas, and Ray Serve imports pandas (and with it pyarrow) into every one of its processes
+when it is installed: about 65 MB more in each of a dozen processes.
+
+    .venv/bin/python benchmarks/peers.py [mlserver kserve rayms]     # create or check the venvs only
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -21,21 +28,35 @@ from pathlib import Path
 import procs
 
 BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
 VENVS = BENCH / ".venvs"
 # uvloop 0.22 (October 2025) breaks MLServer 1.7.1's inference workers: they call asyncio.get_event_loop()
 # with no loop set, which uvloop now refuses (SeldonIO/MLServer#2286). 0.21 was current when 1.7.1 came out.
-PINS = {"mlserver": ["mlserver==1.7.1", "mlserver-sklearn==1.7.1", "uvloop<0.22"], "kserve": ["kserve==0.21.0"]}
+PINS = {"mlserver": ["mlserver==1.7.1", "mlserver-sklearn==1.7.1", "uvloop<0.22"], "kserve": ["kserve==0.21.0"],
+        "rayms": ["-e", str(REPO), "-c", str(REPO / ".ci" / "constraints.txt")]}
 SHARED = ("scikit-learn", "numpy", "joblib")  # same versions as the project venv: the pickles must load alike
 MARKER = "bench-requirements.txt"  # the requirement lines a venv was installed with, written once pip succeeded
 INSTALL_RECORD = "bench-install.json"  # how long that install took, and when
 # Versions written into the benchmark's record.
 REPORTED = {"mlserver": ["mlserver", "mlserver-sklearn", "fastapi", "uvicorn", "uvloop", *SHARED],
-            "kserve": ["kserve", "fastapi", "uvicorn", "uvloop", *SHARED]}
+            "kserve": ["kserve", "fastapi", "uvicorn", "uvloop", *SHARED],
+            "rayms": ["rayms", "ray", "fastapi", "uvicorn", "orjson", *SHARED]}
 
 
 # ------------------------------------------------------------------------------------------ venvs
 def requirements(kind: str) -> list[str]:
+    if kind == "rayms":  # the constraints pin the shared libraries to the project venv's versions already
+        return PINS[kind]
     return [*PINS[kind], *(f"{name}=={version(name)}" for name in SHARED)]
+
+
+def fingerprint(kind: str) -> list[str]:
+    """What a venv was built from: its requirement lines, and for rayms the files that decide its dependencies
+    (its code is installed editable, so code changes need no rebuild)."""
+    if kind != "rayms":
+        return requirements(kind)
+    digest = hashlib.sha256(b"".join((REPO / f).read_bytes() for f in ("pyproject.toml", ".ci/constraints.txt")))
+    return [*requirements(kind), f"# pyproject.toml + constraints.txt sha256 {digest.hexdigest()}"]
 
 
 def ensure_venv(kind: str, root: Path = VENVS) -> dict:
@@ -49,7 +70,7 @@ def ensure_venv(kind: str, root: Path = VENVS) -> dict:
     marker = venv / MARKER
     wanted = requirements(kind)
     info = {"python": str(python), "requirements": wanted}
-    if python.exists() and marker.exists() and marker.read_text().splitlines() == wanted:
+    if python.exists() and marker.exists() and marker.read_text().splitlines() == fingerprint(kind):
         try:
             earlier = json.loads((venv / INSTALL_RECORD).read_text())
         except (OSError, ValueError):
@@ -70,7 +91,7 @@ def ensure_venv(kind: str, root: Path = VENVS) -> dict:
     done_record = {"install_s": round(time.monotonic() - started, 1),
                    "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (venv / INSTALL_RECORD).write_text(json.dumps(done_record))
-    marker.write_text("\n".join(wanted) + "\n")  # written last: a half-installed venv is never reused
+    marker.write_text("\n".join(fingerprint(kind)) + "\n")  # written last: a half-installed venv is never reused
     return info | {"reused": False, **done_record}
 
 

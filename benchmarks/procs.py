@@ -263,21 +263,22 @@ def busy_cpu_seconds() -> float:
     return (sum(fields[:8]) - idle) / TICKS_PER_S
 
 
-def rayms_command(repo_root: Path) -> list[str]:
+def rayms_command(venv: Path) -> list[str]:
     """How a user starts rayms: the ``rayms`` script of the venv, or ``python -m rayms.cli`` without it."""
-    script = repo_root / ".venv" / "bin" / "rayms"
+    script = venv / "bin" / "rayms"
     if script.exists():
         return [str(script)]
-    return [str(repo_root / ".venv" / "bin" / "python"), "-m", "rayms.cli"]
+    return [str(venv / "bin" / "python"), "-m", "rayms.cli"]
 
 
 def rayms_server(repo_root: Path, work: Path, *, args: list[str], name: str = "rayms",
-                 env: dict[str, str] | None = None) -> Server:
+                 env: dict[str, str] | None = None, venv: Path | None = None) -> Server:
     """A ``rayms serve`` subprocess with its own Ray folder, state file and artifact cache under ``work``;
-    ``env`` adds variables (e.g. ``RAYMS_INGRESS``)."""
+    ``env`` adds variables (e.g. ``RAYMS_INGRESS``); ``venv`` defaults to the project's ``.venv``."""
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cmd = [*rayms_command(repo_root), "serve", "--port", str(port), "--state", str(work / "state.json"),
+    cmd = [*rayms_command(venv or repo_root / ".venv"), "serve", "--port", str(port),
+           "--state", str(work / "state.json"),
            "--cache-dir", str(work / "cache"), *args]
     # RAY_TMPDIR gives this Ray instance a folder no other instance uses: the marker of its processes.
     return Server(name=name, cmd=cmd, port=port, env={**(env or {}), "RAY_TMPDIR": str(work)}, marker=f"{work}/",

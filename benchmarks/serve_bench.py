@@ -65,7 +65,7 @@ def make_server(kind: str, work: Path, models: Path, *, preload: bool) -> procs.
     it. ``work`` stays short: Ray puts unix sockets under it, and their paths may not exceed 107 bytes."""
     if kind in RAYMS:
         return procs.rayms_server(REPO, work, args=["--model-repository", str(models)] if preload else [],
-                                  name=kind, env=RAYMS[kind])
+                                  name=kind, env=RAYMS[kind], venv=peers.VENVS / "rayms")
     if kind in peers.SERVERS:
         return peers.make_server(kind, work, models, preload=preload)
     port = procs.free_port()
@@ -327,7 +327,8 @@ def main() -> None:
     if "floor" not in servers or set(servers) - set(SERVERS):
         raise SystemExit(f"--servers: the floor plus any of {', '.join(SERVERS)}")
     venvs = {}
-    for kind in (k for k in servers if k in peers.SERVERS):  # created on the first run, reused afterwards
+    # created on the first run, reused afterwards
+    for kind in dict.fromkeys("rayms" if k in RAYMS else k for k in servers if k in peers.SERVERS or k in RAYMS):
         venvs[kind] = peers.ensure_venv(kind)
         info = venvs[kind]
         print(f"{kind} venv {'reused' if info['reused'] else 'created'} (installed in {info['install_s']} s): "
