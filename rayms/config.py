@@ -216,6 +216,14 @@ class Settings(BaseSettings):
     max_ongoing_requests: PositiveInt = 64
     """Requests one replica works on at once; more get 503 with ``Retry-After`` instead of queueing."""
 
+    max_batch_size: PositiveInt = 1
+    """Default for models whose parameters do not say: most rows one batched predict call takes (1: no
+    batching). A model sets its own with ``parameters: {"max_batch_size": 32}``."""
+
+    max_batch_latency_ms: float = Field(default=0.0, ge=0, le=1000)
+    """Default for models whose parameters do not say (``max_batch_latency_ms``): how long the first request
+    of a batch may wait for others. 0 batches only requests that are already waiting."""
+
     kubernetes: bool = False
     """Run the TrainedModel bridge inside the application."""
 

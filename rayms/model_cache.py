@@ -33,6 +33,7 @@ class LoadedModel:
     charged_bytes: int
     measured_bytes: int
     load_time_s: float
+    batcher: Any = None  # the replica's Batcher for this model once decided; False when it does not batch
 
 
 LoadFn = Callable[[str, ModelSpec, int], Awaitable[tuple[Any, int]]]
@@ -62,10 +63,12 @@ class ModelCache:
         return self._models.get(name)
 
     def resident(self) -> dict[str, dict[str, Any]]:
-        return {
-            n: {"version": m.version, "charged_bytes": m.charged_bytes, "measured_bytes": m.measured_bytes}
-            for n, m in self._models.items()
-        }
+        resident = {}
+        for n, m in self._models.items():
+            resident[n] = {"version": m.version, "charged_bytes": m.charged_bytes, "measured_bytes": m.measured_bytes}
+            if m.batcher:
+                resident[n] |= {"batches": m.batcher.batches, "batched_requests": m.batcher.batched_requests}
+        return resident
 
     def names_loaded_or_loading(self) -> list[str]:
         return list(self._models.keys() | self._loading)

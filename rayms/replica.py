@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rayms import frameworks, storage
 from rayms._serve_private import report_model_ids
 from rayms.agent import ArtifactAgent
+from rayms.batching import Batcher, BatchPolicy, split_parameters
 from rayms.codecs import InferRequest, InferResult, Tensor
 from rayms.config import ModelSpec, Settings
 from rayms.errors import ModelNotFound, ModelNotReady, RaymsError
@@ -87,6 +88,8 @@ class ModelReplica:
         self._registry = serve.get_deployment_handle(REGISTRY, context.app_name)
         self._agent: Any | None = None  # this node's artifact agent, looked up or started when first needed
         self._metrics = Metrics()
+        self._batch_default = BatchPolicy(max_batch_size=self._settings.max_batch_size,
+                                          max_latency_s=self._settings.max_batch_latency_ms / 1000)
         self._cache = ModelCache(
             max_models=self._settings.max_models_per_replica,
             budget_bytes=self._settings.replica_memory_bytes,
@@ -105,13 +108,25 @@ class ModelReplica:
     async def run_inference(self, name: str, request: InferRequest) -> InferResult:
         model = await self._model(name)
         requested = [o.name for o in request.outputs] or None
+        inputs, input_names = [t.data for t in request.inputs], [t.name for t in request.inputs]
         started = time.perf_counter()
-        outputs = model.runtime.predict(
-            [t.data for t in request.inputs], request.parameters, requested=requested,
-            input_names=[t.name for t in request.inputs])
+        if model.batcher is None:
+            model.batcher = self._batcher(model)
+        if model.batcher:
+            outputs = await model.batcher.predict(inputs, request.parameters, requested, input_names)
+        else:
+            outputs = model.runtime.predict(inputs, request.parameters, requested=requested, input_names=input_names)
         self._metrics.observe_request(name, time.perf_counter() - started)
         return InferResult(outputs=[Tensor.from_numpy(k, v) for k, v in outputs.items()],
                            model_version=str(model.version))
+
+    def _batcher(self, model: LoadedModel) -> Batcher | bool:
+        policy, _ = split_parameters(model.spec.parameters, self._batch_default)
+        if not policy.enabled:
+            return False
+        runtime = model.runtime
+        return Batcher(lambda inputs, parameters, requested, input_names: runtime.predict(
+            inputs, parameters, requested=requested, input_names=input_names), policy)
 
     async def model_metadata(self, name: str) -> dict[str, Any]:
         model = await self._model(name)
@@ -171,6 +186,7 @@ class ModelReplica:
     # ---------------------------------------------------------------- wiring
     async def _load_runtime(self, name: str, spec: ModelSpec, version: int) -> tuple[Any, int]:
         started = time.perf_counter()
+        _, parameters = split_parameters(spec.parameters, self._batch_default)  # bad batch settings fail here
         self._routing_dirty = True  # announce "loading here" early so Serve routes this model's requests here
         try:
             # A local, unpacked artifact is read where it is: no copy to make, so no call to the node's agent.
@@ -183,7 +199,7 @@ class ModelReplica:
             raise _unwrap(exc) from None
         self._registry.report.remote(name, version, "LOADING")
         try:
-            runtime = await asyncio.to_thread(frameworks.load_runtime, spec.framework, Path(path), spec.parameters)
+            runtime = await asyncio.to_thread(frameworks.load_runtime, spec.framework, Path(path), parameters)
         except Exception:
             self._metrics.count_load(name, ok=False)
             raise

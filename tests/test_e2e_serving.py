@@ -63,3 +63,29 @@ def test_unload_gives_404_and_leaves_every_replica(rayms_server, tmp_path):
     assert missing.status_code == 404 and "e2e-gone" in missing.json()["error"]
     assert all("e2e-gone" not in r["models"] for r in rayms_server.replicas())
     assert rayms_server.post("/v2/repository/models/e2e-gone/unload").status_code == 404
+
+
+def test_a_model_that_asks_for_batching_answers_concurrent_clients_from_shared_calls(rayms_server, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, predict = make_sklearn(tmp_path / "batched")
+    body = {"storageUri": str(path), "framework": "sklearn",
+            "parameters": {"max_batch_size": 8, "max_batch_latency_ms": 300}}
+    assert rayms_server.post("/v2/repository/models/e2e-batched/load", json=body).status_code == 200
+    try:
+        requests_rows = [make_data(n=1 + i % 3, seed=i)[0] for i in range(16)]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(
+                lambda rows: rayms_server.post("/v2/models/e2e-batched/infer", json=v2_body(rows)), requests_rows))
+        for rows, answer in zip(requests_rows, answers):
+            assert answer.status_code == 200, answer.text
+            assert np.allclose(np.asarray(answer.json()["outputs"][0]["data"]), predict(rows))
+        stats = [r["models"]["e2e-batched"] for r in rayms_server.replicas() if "e2e-batched" in r["models"]]
+        assert sum(s["batched_requests"] for s in stats) >= 2, stats
+
+        bad = {"storageUri": str(path), "framework": "sklearn", "parameters": {"max_batch_size": 0}}
+        refused = rayms_server.post("/v2/repository/models/e2e-badbatch/load", json=bad)
+        assert refused.status_code == 400 and "max_batch_size" in refused.json()["error"]  # a FAILED load, with why
+    finally:
+        for name in ("e2e-batched", "e2e-badbatch"):
+            rayms_server.post(f"/v2/repository/models/{name}/unload")
