@@ -40,7 +40,9 @@ import procs
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 # rayms as ``rayms serve`` runs it, and with the two-hop layout (Serve proxy -> Router -> model replica).
-RAYMS = {"rayms": {}, "rayms-router": {"RAYMS_INGRESS": "router"}}
+RAYMS = {"rayms": {}, "rayms-router": {"RAYMS_INGRESS": "router"},
+         # every model batching whatever requests for it wait together (adaptive: no added wait)
+         "rayms-batch": {"RAYMS_MAX_BATCH_SIZE": "32"}}
 SERVERS = ["floor", *peers.SERVERS, *RAYMS]
 DEFAULT_SERVERS = "floor,mlserver,kserve,rayms"
 
