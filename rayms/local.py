@@ -31,6 +31,16 @@ LOCAL_RAY_ENV = {
 
 
 HAPROXY_STATE_PREFIX = "rayms-haproxy-"
+# How requests reach replicas in HAProxy mode, here and on KubeRay (kuberay/rayservice.yaml sets the same).
+HAPROXY_ROUTING = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": "uri depth 3",
+    "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # one HAProxy thread forwards far more than a Python replica serves
+    # A replica that dies mid-request closes its connections without an answer: replay those requests on
+    # another replica (inference and rayms's control calls are idempotent) instead of failing them.
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response response-timeout",
+    "RAY_SERVE_HAPROXY_RETRIES": "3",
+}
 
 
 def haproxy_env(host: str = "127.0.0.1") -> dict[str, str]:
@@ -41,13 +51,7 @@ def haproxy_env(host: str = "127.0.0.1") -> dict[str, str]:
     instances can share a machine."""
     state = tempfile.mkdtemp(prefix=HAPROXY_STATE_PREFIX)
     return {
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": "uri depth 3",
-        "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # one HAProxy thread forwards far more than a Python replica serves
-        # A replica that dies mid-request closes its connections without an answer: replay those requests on
-        # another replica (inference and rayms's control calls are idempotent) instead of failing them.
-        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response response-timeout",
-        "RAY_SERVE_HAPROXY_RETRIES": "3",
+        **HAPROXY_ROUTING,
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{state}/haproxy.cfg",
         "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{state}/admin.sock",
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state,

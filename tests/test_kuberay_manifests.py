@@ -240,6 +240,16 @@ def test_cluster_offers_what_the_application_asks_for():
     assert slots >= settings.num_replicas
 
 
+def test_every_node_routes_by_model_through_haproxy_as_rayms_serve_does():
+    from rayms.local import HAPROXY_ROUTING
+
+    for group, template in pod_templates().items():
+        for container in template["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert {k: env.get(k) for k in HAPROXY_ROUTING} == HAPROXY_ROUTING, group
+    assert serve_config()["proxy_location"] == "EveryNode", "HAProxy runs where Serve would run its proxies"
+
+
 def test_dockerfile_builds_the_image_the_rayservice_runs():
     dockerfile = (KUBERAY / "Dockerfile").read_text()
     [base] = re.findall(r"^FROM\s+(\S+)", dockerfile, flags=re.M)
