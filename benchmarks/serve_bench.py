@@ -33,6 +33,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+import requests
+
 import gen_models
 import peers
 import procs
@@ -207,6 +209,62 @@ def load_run(kind: str, *, rep: int, models: Path, manifest: dict, work: Path, a
     return record
 
 
+COLD_RESIDENT = 5  # models one rayms replica keeps in the cold phase: far fewer than it is asked for in turn
+
+
+def cold_run(kind: str, *, rep: int, models: Path, manifest: dict, work: Path, args) -> dict:
+    """What a request costs when its model is not in memory.
+
+    rayms: every model registered and READY, but each replica keeps only ``COLD_RESIDENT`` of them, and the
+    models are asked for in turn, twice over, so every request finds its model evicted and loads it from
+    the node's disk first. The other servers keep every model they load, so for them the cold request is
+    the closest thing they have: a repository load followed by the first infer, model after model."""
+    one_row = v2_body(manifest["probes"][:1])
+    record: dict = {"phase": "cold", "server": kind, "round": rep}
+    if kind in RAYMS:
+        server = procs.rayms_server(REPO, work / f"c{rep}-{kind}", name=kind, env=RAYMS[kind],
+                                    venv=peers.VENVS / "rayms",
+                                    args=["--model-repository", str(models),
+                                          "--max-models-per-replica", str(COLD_RESIDENT)]).start()
+    else:
+        server = make_server(kind, work / f"c{rep}-{kind}", models, preload=False).start()
+    try:
+        server.wait_ready(lambda: server.get("/v2/health/ready").status_code == 200, timeout_s=args.start_timeout)
+        latencies, failures = [], []
+        with requests.Session() as session:
+            if kind in RAYMS:
+                server.wait_ready(lambda: all_ready(server, len(manifest["models"])), timeout_s=args.start_timeout)
+                evictions = sum(r["evictions"] for r in server.get("/v2/repository/replicas").json())
+                for model in manifest["models"] * 2:
+                    started = time.perf_counter()
+                    response = session.post(f"{server.url}/v2/models/{model['name']}/infer", json=one_row, timeout=60)
+                    latencies.append(time.perf_counter() - started)
+                    if response.status_code != 200:
+                        failures.append(f"{model['name']}: {response.status_code} {response.text[:200]}")
+                record["evictions"] = sum(r["evictions"] for r in server.get("/v2/repository/replicas").json()) \
+                    - evictions
+            else:
+                for model in manifest["models"]:
+                    started = time.perf_counter()
+                    loaded = session.post(f"{server.url}/v2/repository/models/{model['name']}/load",
+                                          json=load_body(kind, model), timeout=60)
+                    response = session.post(f"{server.url}/v2/models/{model['name']}/infer", json=one_row, timeout=60)
+                    latencies.append(time.perf_counter() - started)
+                    if loaded.status_code != 200 or response.status_code != 200:
+                        failures.append(f"{model['name']}: {loaded.status_code}/{response.status_code}")
+        latencies.sort()
+        record |= {"requests": len(latencies), "failures": failures,
+                   "p50_ms": round(1000 * latencies[len(latencies) // 2], 2),
+                   "p90_ms": round(1000 * latencies[int(len(latencies) * 0.9)], 2),
+                   "max_ms": round(1000 * latencies[-1], 2)}
+    except Exception as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["log_tail"] = server.log_tail()
+    finally:
+        record["stop"] = server.stop()
+    return record
+
+
 # ------------------------------------------------------------------------------------------ report
 def joined(values) -> str:
     """Per-round values as ``a/b/c``."""
@@ -266,15 +324,17 @@ def table(records: list[dict], servers: list[str]) -> str:
         ("other load on the box, cores (c=16)", lambda k, rs: joined(r["c16"]["other_cores"] for r in rs)),
     ]
     by_kind = {kind: sorted((r for r in serve if r["server"] == kind), key=lambda r: r["round"]) for kind in servers}
-    lines = header(["server", *(name for name, _ in columns)])
-    lines += [row([kind, *(cell(kind, rs) for _, cell in columns)]) for kind, rs in by_kind.items() if rs]
-    lines += ["", *header(["server", "c=16 req/s per round", "startup s per round", "all models READY s", "stop s",
-                           "leftover processes killed"])]
-    lines += [row([kind, joined(rps(r) for r in rs), joined(r["startup_s"] for r in rs),
-                   joined(r.get("all_ready_s", r["startup_s"]) for r in rs),
-                   joined(r["stop"].get("stop_s") for r in rs),
-                   str(sum(len(r["stop"].get("leftovers_killed", [])) for r in rs))])
-              for kind, rs in by_kind.items() if rs]
+    lines: list[str] = []
+    if serve:
+        lines += header(["server", *(name for name, _ in columns)])
+        lines += [row([kind, *(cell(kind, rs) for _, cell in columns)]) for kind, rs in by_kind.items() if rs]
+        lines += ["", *header(["server", "c=16 req/s per round", "startup s per round", "all models READY s",
+                               "stop s", "leftover processes killed"])]
+        lines += [row([kind, joined(rps(r) for r in rs), joined(r["startup_s"] for r in rs),
+                       joined(r.get("all_ready_s", r["startup_s"]) for r in rs),
+                       joined(r["stop"].get("stop_s") for r in rs),
+                       str(sum(len(r["stop"].get("leftovers_killed", [])) for r in rs))])
+                  for kind, rs in by_kind.items() if rs]
     if load:
         loads = lambda r: r["loads_s"]  # noqa: E731
         lines += ["", *header(["server", "startup, empty s", "load all s", "per model ms", "load × floor",
@@ -296,6 +356,19 @@ def table(records: list[dict], servers: list[str]) -> str:
                 f"{sum(r['correctness']['mismatches'] for r in rs)} / {sum(r['correctness']['failures'] for r in rs)}",
                 joined(loads(r) for r in rs),
             ]))
+    cold = [r for r in records if r["phase"] == "cold" and "p50_ms" in r]
+    if cold:
+        lines += ["", *header(["server", "cold request", "p50 ms", "p90 ms", "max ms", "requests",
+                               "evictions during the run", "failures", "p50 ms per round"])]
+        for kind in servers:
+            rs = sorted((r for r in cold if r["server"] == kind), key=lambda r: r["round"])
+            if rs:
+                lines.append(row([
+                    kind, "infer, model evicted" if kind in RAYMS else "load, then infer",
+                    f"{median([r['p50_ms'] for r in rs]):.1f}", f"{median([r['p90_ms'] for r in rs]):.1f}",
+                    f"{max(r['max_ms'] for r in rs):.0f}", str(sum(r["requests"] for r in rs)),
+                    joined(r.get("evictions", "-") for r in rs), str(sum(len(r["failures"]) for r in rs)),
+                    joined(r["p50_ms"] for r in rs)]))
     return "\n".join(lines)
 
 
@@ -317,7 +390,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=10, help="seconds of each measured wrk run")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of the discarded run before each")
-    parser.add_argument("--phases", default="serve,load", help="serve, load or both (comma-separated)")
+    parser.add_argument("--phases", default="serve,load,cold", help="any of serve, load, cold (comma-separated)")
     parser.add_argument("--servers", default=DEFAULT_SERVERS,
                         help=f"from {', '.join(SERVERS)} (comma-separated; the floor is required)")
     parser.add_argument("--start-timeout", type=float, default=300.0)
@@ -362,6 +435,12 @@ def main() -> None:
                 record = load_run(kind, rep=rep, models=models, manifest=manifest, work=work, args=args)
                 records.append(record)
                 print(f"load round {rep} {kind}: {record.get('loads_s')} s, stop {record['stop']}"
+                      + (f"\n  FAILED: {record['error']}" if "error" in record else ""), flush=True)
+        for rep in range(1, args.rounds + 1) if "cold" in phases else ():
+            for kind in servers:
+                record = cold_run(kind, rep=rep, models=models, manifest=manifest, work=work, args=args)
+                records.append(record)
+                print(f"cold round {rep} {kind}: p50 {record.get('p50_ms')} ms, stop {record['stop']}"
                       + (f"\n  FAILED: {record['error']}" if "error" in record else ""), flush=True)
     finally:
         out.write_text(json.dumps({"command": " ".join(sys.argv), "started": stamp, "args": vars(args) | {
