@@ -44,7 +44,9 @@ REPO = BENCH.parent
 # rayms as ``rayms serve`` runs it, and with the two-hop layout (Serve proxy -> Router -> model replica).
 RAYMS = {"rayms": {}, "rayms-router": {"RAYMS_INGRESS": "router"},
          # every model batching whatever requests for it wait together (adaptive: no added wait)
-         "rayms-batch": {"RAYMS_MAX_BATCH_SIZE": "32"}}
+         "rayms-batch": {"RAYMS_MAX_BATCH_SIZE": "32"},
+         # one model replica instead of one per core: what the second core buys
+         "rayms-1": {"RAYMS_NUM_REPLICAS": "1"}}
 SERVERS = ["floor", *peers.SERVERS, *RAYMS]
 DEFAULT_SERVERS = "floor,mlserver,kserve,rayms"
 
