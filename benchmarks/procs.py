@@ -207,24 +207,34 @@ class Server:
     def post(self, path: str, **kwargs) -> requests.Response:
         return requests.post(self.url + path, timeout=kwargs.pop("timeout", 120), **kwargs)
 
-    def stop(self, timeout_s: float = 90.0) -> dict:
+    def stop(self, timeout_s: float = 90.0, again_after_s: float = 10.0) -> dict:
         """SIGTERM the server process and wait for every process it owned to exit.
 
-        Returns how long the server process took to exit, how long until every process it owned was gone, and
-        which processes had to be killed (by pid) because they were still there 30 s after it exited.
+        A server still running ``again_after_s`` later gets a second SIGTERM, as a user presses Ctrl-C twice:
+        uvicorn-based servers (MLServer) wait for their background tasks after the first one and quit on the
+        second. Returns how long the server process took to exit, whether it needed the second signal, how
+        long until every process it owned was gone, and which processes had to be killed (by pid) because
+        they were still there 30 s after it exited.
         """
         if self.proc is None:
             return {}
         if self.alive():
             self.processes()
         started = time.monotonic()
+        signals = 0
         if self.alive():
             self.proc.send_signal(signal.SIGTERM)
+            signals = 1
         try:
-            self.proc.wait(timeout=timeout_s)
+            self.proc.wait(timeout=again_after_s)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
+            self.proc.send_signal(signal.SIGTERM)
+            signals = 2
+            try:
+                self.proc.wait(timeout=max(timeout_s - again_after_s, 1.0))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
         exit_s = time.monotonic() - started
 
         def ours() -> list[int]:
@@ -242,8 +252,8 @@ class Server:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        return {"exit_code": self.proc.returncode, "stop_s": round(exit_s, 2), "all_gone_s": round(gone_s, 2),
-                "leftovers_killed": names}
+        return {"exit_code": self.proc.returncode, "stop_s": round(exit_s, 2), "sigterms": signals,
+                "all_gone_s": round(gone_s, 2), "leftovers_killed": names}
 
 
 def memory_by_process(pids: set[int]) -> list[dict]:
