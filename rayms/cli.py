@@ -30,6 +30,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["max_models_per_replica"] = args.max_models_per_replica
     if args.replica_memory:
         overrides["replica_memory_bytes"] = parse_quantity(args.replica_memory)
+    if args.max_batch_size:
+        overrides["max_batch_size"] = args.max_batch_size
     for field in ("model_repository", "models_file", "state_uri", "cache_dir", "namespace",
                   "inference_service", "kubeconfig"):
         if getattr(args, field, None):
@@ -116,8 +118,9 @@ def _models(args: argparse.Namespace) -> int:
     if not args.name:
         raise SystemExit(f"error: 'rayms models {args.action}' needs a model name")
     if args.action == "load":
+        parameters = {"max_batch_size": args.max_batch_size} if args.max_batch_size else None
         body = {k: v for k, v in {"storageUri": args.storage_uri, "framework": args.framework,
-                                  "memory": args.memory}.items() if v}
+                                  "memory": args.memory, "parameters": parameters}.items() if v}
         print(json.dumps(_request("POST", f"{base}/v2/repository/models/{args.name}/load", body or None)))
     else:
         print(json.dumps(_request("POST", f"{base}/v2/repository/models/{args.name}/unload")))
@@ -161,6 +164,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--replicas", type=int, help="number of model replicas")
     serve.add_argument("--max-models-per-replica", type=int, help="models one replica keeps loaded")
     serve.add_argument("--replica-memory", help="model-memory budget per replica, e.g. 2Gi")
+    serve.add_argument("--max-batch-size", type=int,
+                       help="batch up to this many rows of requests waiting for the same model (default 1: off), "
+                            "for models that do not set max_batch_size themselves")
     serve.add_argument("--state", dest="state_uri", help="where the registry persists models (path or fsspec URI)")
     serve.add_argument("--cache-dir", help="per-node artifact cache folder")
     serve.add_argument("--kubernetes", action="store_true", help="serve TrainedModel resources from Kubernetes")
@@ -176,6 +182,7 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--storage-uri", help="artifact location (omit to load NAME from the server's repository)")
     models.add_argument("--framework", help="sklearn, xgboost, lightgbm or onnx")
     models.add_argument("--memory", help="declared memory, e.g. 256Mi")
+    models.add_argument("--max-batch-size", type=int, help="let this model batch waiting requests, up to N rows")
     models.add_argument("--json", action="store_true", help="print raw JSON")
     models.add_argument("--url", default=DEFAULT_URL)
     models.set_defaults(func=_models)

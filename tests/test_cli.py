@@ -92,12 +92,15 @@ def test_models_commands_and_predict(served):
     assert listed.returncode == 0, listed.stderr
     assert "cli-sk" in listed.stdout and "READY" in listed.stdout
     loaded = cli(served, "models", "load", "cli-extra", "--storage-uri", str(served["extra"]), "--framework", "sklearn",
-                 "--memory", "16Mi")
+                 "--memory", "16Mi", "--max-batch-size", "8")
     assert loaded.returncode == 0, loaded.stderr
     assert json.loads(loaded.stdout)["state"] == "READY"
     predicted = cli(served, "predict", "cli-extra", "--data", "[[5.1, 3.5, 1.4, 0.2]]")
     assert predicted.returncode == 0, predicted.stderr
     assert json.loads(predicted.stdout)["model_name"] == "cli-extra"
+    holders = [r["models"]["cli-extra"] for r in requests.get(f"{served['url']}/v2/repository/replicas").json()
+               if "cli-extra" in r["models"]]
+    assert any("batched_requests" in held for held in holders), "the replica that answered batches the model"
     as_json = json.loads(cli(served, "models", "list", "--json").stdout)
     extra = next(r for r in as_json if r["name"] == "cli-extra")
     assert extra["declaredMemory"] == 16 * 2**20 and extra["measuredMemory"] > 0
