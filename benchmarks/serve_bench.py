@@ -374,7 +374,7 @@ def table(records: list[dict], servers: list[str]) -> str:
     return "\n".join(lines)
 
 
-def environment(wrk_version: str, venvs: dict[str, dict]) -> dict:
+def environment(wrk_version: str, venvs: dict[str, dict] | None = None) -> dict:
     """Versions (the peers' read from their venvs), and which rayms code ran: the commit plus any uncommitted
     change to ``rayms/``."""
     packages = ("ray", "fastapi", "uvicorn", "scikit-learn", "numpy", "orjson")
@@ -382,7 +382,7 @@ def environment(wrk_version: str, venvs: dict[str, dict]) -> dict:
     return {"python": platform.python_version(), "cpus": os.cpu_count(), "wrk": wrk_version,
             **{name: version(name) for name in packages},
             "peers": {kind: info | {"versions": peers.installed(info["python"], peers.REPORTED[kind])}
-                      for kind, info in venvs.items()},
+                      for kind, info in (venvs or {}).items()},
             "commit": git("rev-parse", "--short", "HEAD"), "uncommitted": git("status", "--porcelain", "rayms")}
 
 
