@@ -3,8 +3,8 @@ one server at a time.
 
     .venv/bin/python benchmarks/serve_bench.py --models 100 --rounds 3
 
-MLServer and KServe's model server run from venvs of their own under ``benchmarks/.venvs/`` that the first run
-creates (``peers.py``). Each round starts each server, measures it, and stops it before the next starts:
+MLServer, KServe's model server and rayms itself run from venvs of their own under ``benchmarks/.venvs/`` that
+the first run creates (``peers.py``). Each round starts each server, measures it, and stops it before the next starts:
 
 * startup: spawn until ``GET /v2/health/ready`` is 200 and an infer on the last model is 200;
 * correctness: one request per model with every probe row, compared with scikit-learn in this process;
@@ -13,7 +13,8 @@ creates (``peers.py``). Each round starts each server, measures it, and stops it
   connections, after a discarded warm-up; CPU of the server's processes during the measured run.
 
 A second phase starts each server empty and loads every model through ``POST /v2/repository/models/{name}/load``
-one after the other. The table shows medians over rounds and the ratios to the floor and to MLServer of the same
+one after the other. A third times cold requests: to rayms, requests whose model is registered but was evicted
+(each replica keeps 5 models, asked for in turn); to the others, a load followed by the first infer. The table shows medians over rounds and the ratios to the floor and to MLServer of the same
 round; raw records go to ``benchmarks/results/``. See ``benchmarks/README.md`` for what each figure means.
 """
 
