@@ -57,6 +57,10 @@ def haproxy_env(host: str = "127.0.0.1") -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{state}/server-state",
         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+        # HAProxy logs every request; by default to UDP 127.0.0.1:514, i.e. into the machine's syslog if one
+        # listens there. A socket path nobody binds keeps the access log off the machine's logs (set
+        # RAY_SERVE_HAPROXY_LOG_TARGET before starting to send it somewhere).
+        "RAY_SERVE_HAPROXY_LOG_TARGET": f"{state}/access-log.sock",
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(host)),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(host)),
         # Serve keeps an idle proxy beside HAProxy for when no replica is up; by default it takes the fixed

@@ -17,6 +17,8 @@ def test_every_port_and_file_of_haproxy_mode_is_private_to_one_instance():
             assert {"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"} <= set(ports)
             assert not {8500, 9500} & set(ports.values())
             assert Path(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]).is_dir()
+            # no access log line per request to the machine's syslog (HAProxy's default, UDP 127.0.0.1:514)
+            assert env["RAY_SERVE_HAPROXY_LOG_TARGET"].startswith(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] + "/")
         assert first["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] != second["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
         assert first["RAY_SERVE_HAPROXY_SOCKET_PATH"] != second["RAY_SERVE_HAPROXY_SOCKET_PATH"]
     finally:
