@@ -20,17 +20,24 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from rayms import local
     from rayms.config import Settings, parse_quantity
+    from rayms.errors import InvalidSpec
 
     overrides: dict[str, Any] = {"host": args.host, "port": args.port}
-    if args.replicas:
+    if args.replicas is not None:
         overrides["num_replicas"] = args.replicas
-    if args.max_models_per_replica:
+    if args.max_models_per_replica is not None:
         overrides["max_models_per_replica"] = args.max_models_per_replica
     if args.replica_memory:
-        overrides["replica_memory_bytes"] = parse_quantity(args.replica_memory)
-    if args.max_batch_size:
+        try:
+            overrides["replica_memory_bytes"] = parse_quantity(args.replica_memory)
+        except InvalidSpec as exc:
+            print(f"rayms serve: --replica-memory: {exc}", file=sys.stderr)
+            return 2
+    if args.max_batch_size is not None:
         overrides["max_batch_size"] = args.max_batch_size
     for field in ("model_repository", "models_file", "state_uri", "cache_dir", "namespace",
                   "inference_service", "kubeconfig"):
@@ -46,7 +53,12 @@ def _serve(args: argparse.Namespace) -> int:
         demo_dir = write_demo_models(args.demo_dir)
         overrides["model_repository"] = str(demo_dir)
         overrides.setdefault("state_uri", str(demo_dir / ".rayms-state.json"))
-    settings = Settings().model_copy(update=overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"rayms serve: {problems}", file=sys.stderr)
+        return 2
 
     print(f"starting rayms on http://{settings.host}:{settings.port} ...", flush=True)
     local.start(settings)

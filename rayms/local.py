@@ -7,9 +7,13 @@ local instance (each can be overridden with the usual ``RAY_*`` variables set be
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -105,9 +109,51 @@ def stop(settings: Settings | None = None, *, shutdown_ray: bool = True) -> None
         ray.shutdown()
         state = os.environ.pop("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "")
         if os.path.basename(state).startswith(HAPROXY_STATE_PREFIX):
+            stop_haproxy(state)
             shutil.rmtree(state, ignore_errors=True)  # HAProxy's config and sockets of this instance
             for key in [k for k in os.environ if k.startswith("RAY_SERVE_HAPROXY_") or k == "RAY_SERVE_ENABLE_HA_PROXY"]:
                 del os.environ[key]
+
+
+def haproxy_pids(state: str) -> list[int]:
+    """HAProxy processes of one instance: their command line names its private folder (``-f <state>/...``)."""
+    marker = (state.rstrip("/") + "/").encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if marker in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    pids.append(int(entry))
+            except OSError:  # exited meanwhile
+                pass
+    return pids
+
+
+def stop_haproxy(state: str, timeout_s: float = 10.0) -> list[int]:
+    """Stop the HAProxy processes of this instance that outlived Ray, by pid; returns their pids.
+
+    Serve's HAProxy manager reloads HAProxy by starting a new process; one started while Ray shuts down
+    (replicas leaving trigger a reload) is left without its manager, still holding the port."""
+    pids = haproxy_pids(state)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while (alive := [p for p in pids if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for its parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def kill_agents(app_name: str) -> None:

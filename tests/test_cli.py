@@ -172,3 +172,18 @@ def test_ctrl_c_stops_everything_it_started(served):
     # no process of its session (Ray, HAProxy, workers) is left behind
     leftover = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True, check=False)
     assert leftover.stdout.strip() == "", f"left running: {leftover.stdout}"
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--replicas", "0"], "num_replicas"),
+    (["--max-batch-size", "0"], "max_batch_size"),
+    (["--max-models-per-replica", "-1"], "max_models_per_replica"),
+    (["--port", "70000"], "port"),
+    (["--replica-memory", "lots"], "--replica-memory"),
+])
+def test_serve_refuses_bad_settings_before_starting_anything(flags, named, tmp_path):
+    done = subprocess.run([*RAYMS, "serve", "--cache-dir", str(tmp_path), *flags], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert named in done.stderr and "Traceback" not in done.stderr
+    assert "starting rayms" not in done.stdout

@@ -34,3 +34,23 @@ def test_free_ports_avoid_the_ephemeral_range_and_rays_own_ranges():
     assert all(PORT_RANGE[0] <= port <= PORT_RANGE[1] for port in ports)
     assert not any(low <= port <= high for port in ports)  # never where outgoing connections draw from
     assert len(ports) > 1  # random, so instances starting together do not pick the same one
+
+
+def test_stop_haproxy_stops_by_pid_only_the_processes_of_its_own_instance(tmp_path):
+    import subprocess
+    import sys
+
+    from rayms.local import stop_haproxy
+
+    mine, other = tmp_path / "rayms-haproxy-mine", tmp_path / "rayms-haproxy-mine2"
+    sleeper = [sys.executable, "-c", "import sys, time; time.sleep(120)"]
+    ours = subprocess.Popen([*sleeper, "-f", f"{mine}/abc/haproxy.cfg"])  # how HAProxy names its config
+    theirs = subprocess.Popen([*sleeper, "-f", f"{other}/abc/haproxy.cfg"])  # another instance's: a longer name
+    try:
+        assert stop_haproxy(str(mine), timeout_s=10) == [ours.pid]
+        assert ours.wait(timeout=10) is not None
+        assert theirs.poll() is None
+    finally:
+        for process in (ours, theirs):
+            process.kill()
+            process.wait()
