@@ -47,7 +47,9 @@ RAYMS = {"rayms": {}, "rayms-router": {"RAYMS_INGRESS": "router"},
          # every model batching whatever requests for it wait together (adaptive: no added wait)
          "rayms-batch": {"RAYMS_MAX_BATCH_SIZE": "32"},
          # one model replica instead of one per core: what the second core buys
-         "rayms-1": {"RAYMS_NUM_REPLICAS": "1"}}
+         "rayms-1": {"RAYMS_NUM_REPLICAS": "1"},
+         # without Serve's throughput-optimized settings, which rayms turns on (rayms/ray_env.py)
+         "rayms-serve-defaults": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}}
 SERVERS = ["floor", *peers.SERVERS, *RAYMS]
 DEFAULT_SERVERS = "floor,mlserver,kserve,rayms"
 

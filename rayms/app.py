@@ -16,6 +16,7 @@ from ray.serve import Application
 
 from rayms.config import ModelSpec, Settings
 from rayms.errors import RaymsError
+from rayms.ray_env import deployment_env
 from rayms.registry import ModelRegistry
 from rayms.replica import REGISTRY, REPLICA, ModelReplica
 from rayms.repository import read_models_file, scan_repository
@@ -171,21 +172,22 @@ def build_app(settings: Settings | None = None, **overrides: Any) -> Application
     settings = (settings or Settings()).model_copy(update=overrides) if overrides else (settings or Settings())
     payload = settings.model_dump()
     quiet = {"enable_access_log": False}
+    env = {"env_vars": deployment_env()}
     # The registry always holds the subscribers' long-poll watch calls in flight, so Serve's default graceful
     # shutdown (wait up to 20 s for ongoing requests) would hold every stop for 20 s; watchers simply retry.
     registry = serve.deployment(
         Registry, name=REGISTRY, num_replicas=1, max_ongoing_requests=100_000,
-        ray_actor_options={"num_cpus": 0}, logging_config=quiet, graceful_shutdown_timeout_s=1,
+        ray_actor_options={"num_cpus": 0, "runtime_env": env}, logging_config=quiet, graceful_shutdown_timeout_s=1,
     ).bind(payload)
     bridge = None
     if settings.kubernetes:
         bridge = serve.deployment(
-            KubernetesBridge, name="KubernetesBridge", num_replicas=1, ray_actor_options={"num_cpus": 0},
-            logging_config=quiet,
+            KubernetesBridge, name="KubernetesBridge", num_replicas=1,
+            ray_actor_options={"num_cpus": 0, "runtime_env": env}, logging_config=quiet,
         ).bind(payload, registry)
     replica_options = {
         "name": REPLICA, "num_replicas": settings.num_replicas, "max_ongoing_requests": REPLICA_MAX_ONGOING,
-        "ray_actor_options": {"num_cpus": settings.replica_num_cpus}, "logging_config": quiet,
+        "ray_actor_options": {"num_cpus": settings.replica_num_cpus, "runtime_env": env}, "logging_config": quiet,
     }
     if settings.ingress == "replica":
         # The model replicas are the ingress: a request is decoded, predicted and encoded in one process.
@@ -194,7 +196,7 @@ def build_app(settings: Settings | None = None, **overrides: Any) -> Application
     replicas = serve.deployment(ModelReplica, **replica_options).bind(payload)
     return serve.deployment(
         Router, name="Router", num_replicas=1, max_ongoing_requests=1000,
-        ray_actor_options={"num_cpus": 0}, logging_config=quiet,
+        ray_actor_options={"num_cpus": 0, "runtime_env": env}, logging_config=quiet,
     ).bind(payload, registry, replicas, bridge)
 
 

@@ -22,29 +22,9 @@ from ray import serve
 from rayms.app import build_app
 from rayms.config import Settings
 from rayms.ports import free_port
-
-LOCAL_RAY_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    # Ray nices its workers to 15; here the workers are the server.
-    "RAY_worker_niceness": "0",
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
-    # No idle worker processes kept warm for tasks rayms never runs (about 45 MB each).
-    "RAY_enable_worker_prestart": "0",
-    "RAY_prestart_worker_first_driver": "0",
-}
-
+from rayms.ray_env import HAPROXY_ROUTING, LOCAL_RAY_ENV
 
 HAPROXY_STATE_PREFIX = "rayms-haproxy-"
-# How requests reach replicas in HAProxy mode, here and on KubeRay (kuberay/rayservice.yaml sets the same).
-HAPROXY_ROUTING = {
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": "uri depth 3",
-    "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # one HAProxy thread forwards far more than a Python replica serves
-    # A replica that dies mid-request closes its connections without an answer: replay those requests on
-    # another replica (inference and rayms's control calls are idempotent) instead of failing them.
-    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response response-timeout",
-    "RAY_SERVE_HAPROXY_RETRIES": "3",
-}
 
 
 def haproxy_env(host: str = "127.0.0.1") -> dict[str, str]:

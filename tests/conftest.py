@@ -17,10 +17,11 @@ import pytest
 import requests
 
 from rayms.ports import free_port  # noqa: F401  (tests import it from here)
+from rayms.ray_env import LOCAL_RAY_ENV
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_worker_niceness", "0")
-os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
+# The tests run Ray as `rayms serve` does (set before anything imports Ray: Serve reads them at import).
+for _key, _value in LOCAL_RAY_ENV.items():
+    os.environ.setdefault(_key, _value)
 os.environ.setdefault("RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S", "0.2")
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach Ray's endpoint within a second
 

@@ -203,8 +203,14 @@ def test_serve_config_passes_serves_schema_and_builds_the_kubernetes_app():
     application = getattr(importlib.import_module(module), attr)(app.args)
     assert isinstance(application, Application)
     from ray.serve._private.build_app import build_app  # private: the only offline view of the deployments
-    deployments = {d.name for d in build_app(application, name=app.name).deployments}
+    built = build_app(application, name=app.name).deployments
+    deployments = {d.name for d in built}
     assert "KubernetesBridge" in deployments
+    # Serve's throughput settings go to rayms's own deployments, not to the cluster's drivers.
+    from rayms.ray_env import SERVE_TUNING
+
+    for deployment in built:
+        assert deployment.ray_actor_options["runtime_env"]["env_vars"] == SERVE_TUNING, deployment.name
     assert {d["name"] for d in config["applications"][0].get("deployments", [])} <= deployments
 
 
@@ -241,7 +247,7 @@ def test_cluster_offers_what_the_application_asks_for():
 
 
 def test_every_node_routes_by_model_through_haproxy_as_rayms_serve_does():
-    from rayms.local import HAPROXY_ROUTING
+    from rayms.ray_env import HAPROXY_ROUTING
 
     for group, template in pod_templates().items():
         for container in template["spec"]["containers"]:
