@@ -427,26 +427,22 @@ def main() -> None:
         bodies.write_text("\n".join(json.dumps(v2_body([row])) for row in manifest["probes"]) + "\n")
         env = {**os.environ, "WRK_NAMES": str(names), "WRK_BODIES": str(bodies)}
         print(f"{args.models} models generated in {manifest['seconds']} s; work folder {work}", flush=True)
-        for round_no in range(1, args.rounds + 1) if "serve" in phases else ():
-            for kind in servers:
-                record = serving_run(kind, round_no=round_no, models=models, manifest=manifest, work=work,
-                                     args=args, env=env)
-                records.append(record)
-                print(f"serve round {round_no} {kind}: startup {record.get('startup_s')} s, "
-                      f"c16 {record.get('c16', {}).get('rps')} req/s, stop {record['stop']}"
-                      + (f"\n  FAILED: {record['error']}" if "error" in record else ""), flush=True)
-        for rep in range(1, args.rounds + 1) if "load" in phases else ():
-            for kind in servers:
-                record = load_run(kind, rep=rep, models=models, manifest=manifest, work=work, args=args)
-                records.append(record)
-                print(f"load round {rep} {kind}: {record.get('loads_s')} s, stop {record['stop']}"
-                      + (f"\n  FAILED: {record['error']}" if "error" in record else ""), flush=True)
-        for rep in range(1, args.rounds + 1) if "cold" in phases else ():
-            for kind in servers:
-                record = cold_run(kind, rep=rep, models=models, manifest=manifest, work=work, args=args)
-                records.append(record)
-                print(f"cold round {rep} {kind}: p50 {record.get('p50_ms')} ms, stop {record['stop']}"
-                      + (f"\n  FAILED: {record['error']}" if "error" in record else ""), flush=True)
+        runs = {  # phase -> (run one server once, what the progress line shows)
+            "serve": (lambda kind, n: serving_run(kind, round_no=n, models=models, manifest=manifest, work=work,
+                                                  args=args, env=env),
+                      lambda r: f"startup {r.get('startup_s')} s, c16 {r.get('c16', {}).get('rps')} req/s"),
+            "load": (lambda kind, n: load_run(kind, rep=n, models=models, manifest=manifest, work=work, args=args),
+                     lambda r: f"{r.get('loads_s')} s"),
+            "cold": (lambda kind, n: cold_run(kind, rep=n, models=models, manifest=manifest, work=work, args=args),
+                     lambda r: f"p50 {r.get('p50_ms')} ms"),
+        }
+        for phase, (run, summary) in runs.items():
+            for round_no in range(1, args.rounds + 1) if phase in phases else ():
+                for kind in servers:
+                    record = run(kind, round_no)
+                    records.append(record)
+                    print(f"{phase} round {round_no} {kind}: {summary(record)}, stop {record['stop']}"
+                          + (f"\n  FAILED: {record['error']}" if "error" in record else ""), flush=True)
     finally:
         out.write_text(json.dumps({"command": " ".join(sys.argv), "started": stamp, "args": vars(args) | {
             "results": str(args.results)}, "environment": environment(wrk_version, venvs), "records": records},

@@ -43,7 +43,7 @@ def test_stop_haproxy_stops_by_pid_only_the_processes_of_its_own_instance(tmp_pa
     from rayms.local import stop_haproxy
 
     mine, other = tmp_path / "rayms-haproxy-mine", tmp_path / "rayms-haproxy-mine2"
-    sleeper = [sys.executable, "-c", "import sys, time; time.sleep(120)"]
+    sleeper = [sys.executable, "-c", "import signal; signal.pause()"]  # runs until signalled
     ours = subprocess.Popen([*sleeper, "-f", f"{mine}/abc/haproxy.cfg"])  # how HAProxy names its config
     theirs = subprocess.Popen([*sleeper, "-f", f"{other}/abc/haproxy.cfg"])  # another instance's: a longer name
     try:
