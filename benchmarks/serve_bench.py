@@ -21,6 +21,7 @@ round; raw records go to ``benchmarks/results/``. See ``benchmarks/README.md`` f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -68,13 +70,14 @@ def predictions(response) -> list:
 
 
 # ------------------------------------------------------------------------------------------ servers
-def make_server(kind: str, work: Path, models: Path, *, preload: bool) -> procs.Server:
+def make_server(kind: str, work: Path, models: Path, *, preload: bool, rayms_args: tuple[str, ...] = ()) -> procs.Server:
     """``preload`` False starts the server with no models: rayms and the floor are then told where each model is
     when asked to load it; MLServer and KServe still get ``models`` as their repository and load by name from
-    it. ``work`` stays short: Ray puts unix sockets under it, and their paths may not exceed 107 bytes."""
+    it. ``work`` stays short: Ray puts unix sockets under it, and their paths may not exceed 107 bytes.
+    ``rayms_args`` go to ``rayms serve`` only."""
     if kind in RAYMS:
-        return procs.rayms_server(REPO, work, args=["--model-repository", str(models)] if preload else [],
-                                  name=kind, env=RAYMS[kind], venv=peers.VENVS / "rayms")
+        args = [*(["--model-repository", str(models)] if preload else []), *rayms_args]
+        return procs.rayms_server(REPO, work, args=args, name=kind, env=RAYMS[kind], venv=peers.VENVS / "rayms")
     if kind in peers.SERVERS:
         return peers.make_server(kind, work, models, preload=preload)
     port = procs.free_port()
@@ -156,12 +159,26 @@ def measure_load(server: procs.Server, *, connections: int, args, env: dict) -> 
 
 
 # ------------------------------------------------------------------------------------------ phases
+@contextlib.contextmanager
+def running(server: procs.Server, record: dict) -> Iterator[procs.Server]:
+    """Start ``server`` for one measurement and always stop it. A failure goes into ``record`` with the
+    server's log tail instead of being raised, so the other servers' measurements are kept."""
+    server.start()
+    try:
+        yield server
+    except Exception as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["log_tail"] = server.log_tail()
+    finally:
+        record["stop"] = server.stop()
+
+
 def serving_run(kind: str, *, round_no: int, models: Path, manifest: dict, work: Path, args, env: dict) -> dict:
     last = manifest["models"][-1]["name"]
     one_row = v2_body(manifest["probes"][:1])
-    server = make_server(kind, work / f"s{round_no}-{kind}", models, preload=True).start()
+    server = make_server(kind, work / f"s{round_no}-{kind}", models, preload=True)
     record: dict = {"phase": "serve", "server": kind, "round": round_no}
-    try:
+    with running(server, record):
         record["startup_s"] = round(server.wait_ready(
             lambda: server.get("/v2/health/ready").status_code == 200
             and server.post(f"/v2/models/{last}/infer", json=one_row).status_code == 200,
@@ -179,19 +196,14 @@ def serving_run(kind: str, *, round_no: int, models: Path, manifest: dict, work:
         record["memory_by_process"] = procs.memory_by_process(pids)
         record["c1"] = measure_load(server, connections=1, args=args, env=env)
         record["c16"] = measure_load(server, connections=16, args=args, env=env)
-    except Exception as exc:  # keep the other servers' measurements; say what went wrong with this one
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        record["log_tail"] = server.log_tail()
-    finally:
-        record["stop"] = server.stop()
     return record
 
 
 def load_run(kind: str, *, rep: int, models: Path, manifest: dict, work: Path, args) -> dict:
     """Start empty, then load every model through the repository API, one after the other."""
-    server = make_server(kind, work / f"l{rep}-{kind}", models, preload=False).start()
+    server = make_server(kind, work / f"l{rep}-{kind}", models, preload=False)
     record: dict = {"phase": "load", "server": kind, "round": rep}
-    try:
+    with running(server, record):
         record["startup_empty_s"] = round(server.wait_ready(
             lambda: server.get("/v2/health/ready").status_code == 200, timeout_s=args.start_timeout), 2)
         record["memory_empty"] = procs.memory(server.processes())
@@ -206,12 +218,12 @@ def load_run(kind: str, *, rep: int, models: Path, manifest: dict, work: Path, a
         record["load_failures"] = failed
         record["memory_loaded"] = procs.memory(server.processes())
         record["correctness"] = check_predictions(server, manifest)
-    except Exception as exc:
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        record["log_tail"] = server.log_tail()
-    finally:
-        record["stop"] = server.stop()
     return record
+
+
+def evictions(server: procs.Server) -> int:
+    """Models rayms's replicas have evicted so far, all together."""
+    return sum(r["evictions"] for r in server.get("/v2/repository/replicas").json())
 
 
 COLD_RESIDENT = 5  # models one rayms replica keeps in the cold phase: far fewer than it is asked for in turn
@@ -226,28 +238,22 @@ def cold_run(kind: str, *, rep: int, models: Path, manifest: dict, work: Path, a
     the closest thing they have: a repository load followed by the first infer, model after model."""
     one_row = v2_body(manifest["probes"][:1])
     record: dict = {"phase": "cold", "server": kind, "round": rep}
-    if kind in RAYMS:
-        server = procs.rayms_server(REPO, work / f"c{rep}-{kind}", name=kind, env=RAYMS[kind],
-                                    venv=peers.VENVS / "rayms",
-                                    args=["--model-repository", str(models),
-                                          "--max-models-per-replica", str(COLD_RESIDENT)]).start()
-    else:
-        server = make_server(kind, work / f"c{rep}-{kind}", models, preload=False).start()
-    try:
+    server = make_server(kind, work / f"c{rep}-{kind}", models, preload=kind in RAYMS,
+                         rayms_args=("--max-models-per-replica", str(COLD_RESIDENT)))
+    with running(server, record):
         server.wait_ready(lambda: server.get("/v2/health/ready").status_code == 200, timeout_s=args.start_timeout)
         latencies, failures = [], []
         with requests.Session() as session:
             if kind in RAYMS:
                 server.wait_ready(lambda: all_ready(server, len(manifest["models"])), timeout_s=args.start_timeout)
-                evictions = sum(r["evictions"] for r in server.get("/v2/repository/replicas").json())
+                evicted_before = evictions(server)
                 for model in manifest["models"] * 2:
                     started = time.perf_counter()
                     response = session.post(f"{server.url}/v2/models/{model['name']}/infer", json=one_row, timeout=60)
                     latencies.append(time.perf_counter() - started)
                     if response.status_code != 200:
                         failures.append(f"{model['name']}: {response.status_code} {response.text[:200]}")
-                record["evictions"] = sum(r["evictions"] for r in server.get("/v2/repository/replicas").json()) \
-                    - evictions
+                record["evictions"] = evictions(server) - evicted_before
             else:
                 for model in manifest["models"]:
                     started = time.perf_counter()
@@ -262,11 +268,6 @@ def cold_run(kind: str, *, rep: int, models: Path, manifest: dict, work: Path, a
                    "p50_ms": round(1000 * latencies[len(latencies) // 2], 2),
                    "p90_ms": round(1000 * latencies[int(len(latencies) * 0.9)], 2),
                    "max_ms": round(1000 * latencies[-1], 2)}
-    except Exception as exc:
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        record["log_tail"] = server.log_tail()
-    finally:
-        record["stop"] = server.stop()
     return record
 
 
