@@ -62,17 +62,19 @@ def _serve(args: argparse.Namespace) -> int:
 
     print(f"starting rayms on http://{settings.host}:{settings.port} ...", flush=True)
     local.start(settings)
-    base = f"http://{settings.host}:{settings.port}"
-    _wait_for_models(base)
-    if args.demo:
-        from rayms.demo import print_demo_commands
-
-        print_demo_commands(base)
-    print(f"rayms is serving on {base} (Ctrl-C stops it)", flush=True)
     stop = threading.Event()
-    # Installed after Ray started (it sets handlers of its own): Ctrl-C and SIGTERM both stop cleanly.
+    # Installed once Ray has started (it sets handlers of its own), before waiting for the models: Ctrl-C and
+    # SIGTERM stop cleanly from here on, also while the first models load.
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    base = f"http://{settings.host}:{settings.port}"
+    _wait_for_models(base, stop)
+    if not stop.is_set():
+        if args.demo:
+            from rayms.demo import print_demo_commands
+
+            print_demo_commands(base)
+        print(f"rayms is serving on {base} (Ctrl-C stops it)", flush=True)
     while not stop.wait(timeout=1.0):
         pass
     print("stopping rayms ...", flush=True)
@@ -80,18 +82,18 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_for_models(base: str, timeout_s: float = 300.0) -> None:
-    """Wait until every model registered at start is READY or FAILED, then print their states."""
+def _wait_for_models(base: str, stop: threading.Event, timeout_s: float = 300.0) -> None:
+    """Wait until every model registered at start is READY or FAILED (or ``stop``), then print their states."""
     deadline = time.monotonic() + timeout_s
     rows: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stop.is_set():
         try:
             rows = requests.post(f"{base}/v2/repository/index", timeout=10).json()
         except (requests.RequestException, ValueError):
             rows = []
         if isinstance(rows, list) and all(r.get("state") in ("READY", "FAILED") for r in rows):
             break
-        time.sleep(0.5)
+        stop.wait(0.5)
     for row in rows if isinstance(rows, list) else []:
         reason = f" ({row['reason']})" if row.get("reason") else ""
         print(f"  model {row['name']}: {row.get('state')}{reason}", flush=True)
