@@ -199,6 +199,13 @@ def choose_outputs(requested: Sequence[str] | None, proba: bool, available: Sequ
     return list(default)
 
 
+def outputs_for(defaults: Mapping[str, Any], parameters: Mapping[str, Any] | None, requested: Sequence[str] | None,
+                available: Sequence[str], default: Sequence[str] = ("predict",)) -> list[str]:
+    """The outputs one predict call computes: the request's parameters over the model's, then the choice."""
+    options = parse_parameters(defaults, parameters or {})
+    return choose_outputs(requested, options.get("predict_proba", False), available, default)
+
+
 def stack_inputs(inputs: Sequence[np.ndarray]) -> np.ndarray:
     """One feature matrix from the client's tensors: a 2-D tensor as is, else columns side by side."""
     arrays = [np.asarray(a) for a in inputs]

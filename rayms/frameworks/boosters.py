@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from rayms.frameworks import as_dtype, choose_outputs, guarded, parse_parameters, stack_inputs, tensor_info
+from rayms.frameworks import as_dtype, guarded, outputs_for, stack_inputs, tensor_info
 
 
 class BoosterRuntime:
@@ -32,8 +32,7 @@ class BoosterRuntime:
     def predict(self, inputs: Sequence[np.ndarray], parameters: Mapping[str, Any] | None = None, *,
                 requested: Sequence[str] | None = None,
                 input_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        options = parse_parameters(self.defaults, parameters or {})
-        names = choose_outputs(requested, options.get("predict_proba", False), self.outputs)
+        names = outputs_for(self.defaults, parameters, requested, self.outputs)
         matrix = as_dtype(stack_inputs(inputs), self.dtype)
         return guarded(self.framework, lambda: self._run(matrix, names), self.input_errors)
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from rayms.errors import InvalidInput, ModelLoadError
 from rayms.frameworks import (
-    as_dtype, choose_outputs, guarded, library_message, parse_parameters, require, stack_inputs, tensor_info,
+    as_dtype, guarded, library_message, outputs_for, require, stack_inputs, tensor_info,
 )
 
 _TYPES = {
@@ -86,8 +86,7 @@ class OnnxRuntime:
     def predict(self, inputs: Sequence[np.ndarray], parameters: Mapping[str, Any] | None = None, *,
                 requested: Sequence[str] | None = None,
                 input_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        options = parse_parameters(self.defaults, parameters or {})
-        names = choose_outputs(requested, options.get("predict_proba", False), self.outputs, self.default)
+        names = outputs_for(self.defaults, parameters, requested, self.outputs, self.default)
         feeds = self._feeds(inputs, input_names)
         fetch = list(dict.fromkeys(self.aliases.get(name, name) for name in names))
         values = guarded(self.framework, lambda: self.session.run(fetch, feeds), self.input_errors)

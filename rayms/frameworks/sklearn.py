@@ -23,7 +23,7 @@ import numpy as np
 
 from rayms.errors import ModelLoadError
 from rayms.frameworks import (
-    choose_outputs, guarded, library_message, parse_parameters, require, stack_inputs, tensor_info,
+    guarded, library_message, outputs_for, require, stack_inputs, tensor_info,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,8 +54,7 @@ class SklearnRuntime:
     def predict(self, inputs: Sequence[np.ndarray], parameters: Mapping[str, Any] | None = None, *,
                 requested: Sequence[str] | None = None,
                 input_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        options = parse_parameters(self.defaults, parameters or {})
-        names = choose_outputs(requested, options.get("predict_proba", False), self.outputs)
+        names = outputs_for(self.defaults, parameters, requested, self.outputs)
         matrix = stack_inputs(inputs)
         return guarded(
             self.framework,
