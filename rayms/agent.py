@@ -4,8 +4,9 @@ What KServe's agent got wrong is the list of what this does: its puller had no g
 retried a failed download, reported nothing, and its success marker could be written next to a half-finished
 model. Here downloads are capped (``max_concurrent_downloads``), deduplicated (concurrent fetches of one spec
 share one download), retried with jittered exponential backoff on transient errors only, bounded per attempt
-(``download_timeout_s``), and published through ``on_event`` so the registry can show
-downloading/downloaded/failed per model.
+(``download_timeout_s``), and published through ``on_event`` (downloading/downloaded/failed per model; on a
+cluster they become Prometheus metrics, :mod:`rayms.cluster.agent`). The registry shows a model as
+DOWNLOADING from the moment it asks a replica to load it until the replica reports LOADING.
 
 Cache layout, per node, keyed by :meth:`ModelSpec.digest` so a restarted agent or a second replica on the node
 reuses a finished download::
@@ -14,7 +15,7 @@ reuses a finished download::
     <cache_dir>/artifacts/<digest>/.complete    JSON {uri, path, bytes, seconds, completed_at}, written last
     <cache_dir>/artifacts/<digest>/.lock        flock held while filling the entry (agents in two processes)
 
-Plain asyncio with no Ray import: a Ray actor is this class under ``ray.remote``. Blocking fsspec work runs in
+Plain asyncio with no Ray import: the node's actor is this class under ``ray.remote`` (:mod:`rayms.cluster.agent`). Blocking fsspec work runs in
 threads (``asyncio.to_thread``); each download builds its own filesystem object, so none is shared.
 """
 

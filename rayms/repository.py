@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rayms.config import ModelSpec, validate_model_name
+from rayms.config import ModelSpec, Settings, validate_model_name
 from rayms.errors import InvalidSpec, RaymsError
 from rayms.frameworks import framework_from_extension, resolve_model_file
+from rayms.status import Source
 
 
 def spec_from_repository(root: str | None, name: str) -> ModelSpec | None:
@@ -68,3 +69,13 @@ def read_models_file(path: str) -> dict[str, ModelSpec]:
         name = validate_model_name(entry["modelName"])
         specs[name] = ModelSpec.parse(entry["modelSpec"], name=name)
     return specs
+
+
+def seed_models(settings: Settings) -> list[tuple[str, ModelSpec, Source]]:
+    """The models ``--model-repository`` and ``--models`` declare, with the source each registers under."""
+    seeds: list[tuple[str, ModelSpec, Source]] = []
+    if settings.model_repository:
+        seeds += [(n, s, Source.REPOSITORY_FOLDER) for n, s in scan_repository(settings.model_repository).items()]
+    if settings.models_file:
+        seeds += [(n, s, Source.MODELS_FILE) for n, s in read_models_file(settings.models_file).items()]
+    return seeds
