@@ -178,8 +178,9 @@ class Settings(BaseSettings):
     """A KServe ``models.json`` (``[{"modelName", "modelSpec"}]``) registered at start."""
 
     state_uri: str | None = None
-    """Where the registry persists the desired set of models (local path or fsspec URI).
-    Default: ``<cache_dir>/<app_name>-models.json``."""
+    """Where the registry persists the desired set of models (local path or fsspec URI). Default: a file of
+    this instance's own under ``<cache_dir>/state/``, named after the app, its port and the repository and
+    models file it serves (:meth:`resolved_state_uri`), so two instances never share state by accident."""
 
     cache_dir: str = str(Path.home() / ".cache" / "rayms")
     """Per-node folder holding downloaded artifacts, keyed by spec. Each node's agent resolves it: ``~`` and
@@ -250,4 +251,9 @@ class Settings(BaseSettings):
     """Base URL inside the cluster (``status.address.url``); default: ``http://<inferenceService>-serve-svc.<ns>.svc.cluster.local:8000``."""
 
     def resolved_state_uri(self) -> str:
-        return self.state_uri or str(Path(self.cache_dir) / f"{self.app_name}-models.json")
+        """``state_uri``, or the default: one file per (app name, port, model repository, models file)."""
+        if self.state_uri:
+            return self.state_uri
+        sources = [str(Path(p).expanduser().resolve()) if p else "" for p in (self.model_repository, self.models_file)]
+        key = hashlib.sha256(json.dumps([self.app_name, self.port, *sources]).encode()).hexdigest()[:12]
+        return str(Path(self.cache_dir).expanduser() / "state" / f"{self.app_name}-{self.port}-{key}.json")

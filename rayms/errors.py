@@ -12,7 +12,7 @@ from __future__ import annotations
 
 
 class RaymsError(Exception):
-    """Base class. ``status_code`` is the HTTP status the router answers with."""
+    """Base class. ``status_code`` is the HTTP status a client gets for it."""
 
     status_code = 500
 

@@ -4,7 +4,7 @@ Every way of adding a model (repository API, models file, Kubernetes, Python) en
 :meth:`ModelRegistry.register`; every way of removing one ends in :meth:`ModelRegistry.unregister`.
 The registry persists the desired set (see :mod:`rayms.statestore`), drives each model through its
 lifecycle by asking a replica to load it, and pushes every change to subscribers through
-:meth:`ModelRegistry.watch` (a long poll), so the router and the replicas keep a local view and never
+:meth:`ModelRegistry.watch` (a long poll), so the ingress replicas and the bridge keep a local view and never
 ask per request.
 
 This module is plain asyncio. Ray appears only behind the :class:`Placer` seam (how a load reaches a
@@ -26,6 +26,9 @@ from rayms.status import Changes, LoadReport, ModelState, ModelStatus, Source
 from rayms.statestore import StateStore
 
 logger = logging.getLogger("rayms.registry")
+
+SEEDED = (Source.REPOSITORY_FOLDER, Source.MODELS_FILE)
+"""The sources a server declares itself at every start."""
 
 LOAD_WAIT_GRACE_S = 1.0
 
@@ -75,6 +78,9 @@ class ModelRegistry:
         self._placer = placer
         self._records: dict[str, ModelRecord] = {}
         self._tombstones: dict[str, int] = {}
+        # Models a server declares at start (repository folder, models file) that a user unloaded: they stay
+        # unloaded across restarts until loaded again. Persisted with the desired set.
+        self._declined: dict[str, Source] = {}
         self._change = 0
         self._epoch = uuid.uuid4().hex
         self._changed = asyncio.Condition()
@@ -92,14 +98,47 @@ class ModelRegistry:
         for entry in entries:
             try:
                 name = validate_model_name(entry["modelName"])
+                if entry.get("unloaded"):
+                    self._declined[name] = Source.parse(entry["source"])
+                    continue
                 spec = ModelSpec.parse(entry["modelSpec"], name=name)
                 self._put(name, spec, Source.parse(entry.get("source", Source.API)),
                           version=int(entry.get("version", 1)))
             except (RaymsError, KeyError, TypeError, ValueError) as exc:
                 logger.error("model %s: cannot restore from %s: %s", entry.get("modelName"), self._store.uri, exc)
         await self._notify()
-        logger.info("restored %d models from %s", len(entries), self._store.uri)
-        return len(entries)
+        logger.info("restored %d models from %s", len(self._records), self._store.uri)
+        return len(self._records)
+
+    async def seed(self, declared: list[tuple[str, ModelSpec | str, Source]]) -> None:
+        """Apply what the server's own sources declare at start (``spec`` or, for a model rayms cannot read,
+        the reason). Run after :meth:`restore` on every start, so a second run on another repository serves
+        that repository. A declared model a user unloaded stays unloaded; one registered by hand or by
+        Kubernetes under the same name is left alone; a model its source no longer declares is removed."""
+        names = set()
+        for name, spec, source in declared:
+            names.add(name)
+            current = self._records.get(name)
+            if name in self._declined or (current is not None and current.source not in SEEDED):
+                continue
+            reason = spec if isinstance(spec, str) else ""
+            if isinstance(spec, ModelSpec):
+                try:
+                    await self.register(name, spec, source)
+                except RaymsError as exc:
+                    reason = str(exc)
+            if reason:
+                logger.error("model %s: cannot serve it from %s: %s", name, source.value, reason)
+                try:
+                    await self.register_failed(name, reason, source)
+                except RaymsError as exc:  # not even a valid model name: the log is all there is
+                    logger.error("model %r: %s", name, exc)
+        for record in [r for r in self._records.values() if r.source in SEEDED and r.name not in names]:
+            logger.info("model %s: no longer declared by %s; unloading", record.name, record.source.value)
+            await self.unregister(record.name, decline=False)
+        if set(self._declined) - names:  # declined models whose source dropped them need no memory
+            self._declined = {n: s for n, s in self._declined.items() if n in names}
+            await self._persist()
 
     # ---------------------------------------------------------------- desired state
     async def register(self, name: str, spec: ModelSpec, source: Source = Source.API) -> ModelStatus:
@@ -143,6 +182,7 @@ class ModelRegistry:
 
     def _put(self, name: str, spec: ModelSpec, source: Source, version: int = 1) -> ModelRecord:
         current = self._records.get(name)
+        self._declined.pop(name, None)  # loaded again: no longer declined
         if current is None or current.spec is None:
             record = ModelRecord(name=name, spec=spec, source=source, version=version)
             self._records[name] = record
@@ -161,11 +201,16 @@ class ModelRegistry:
         self._start_load(record)
         return record
 
-    async def unregister(self, name: str, source: str | None = None) -> None:
-        """Remove a model: from the desired set, from every replica, and from the artifact caches."""
+    async def unregister(self, name: str, source: Source | None = None, *, decline: bool = True) -> None:
+        """Remove a model: from the desired set, from every replica, and from the artifact caches.
+
+        A model the server's own sources declare is remembered as declined (``decline``), so a restart does
+        not bring it back."""
         record = self._records.get(name)
         if record is None or (source is not None and record.source != source):
             raise ModelNotFound(name)
+        if decline and record.source in SEEDED:
+            self._declined[name] = record.source
         task = self._tasks.pop(name, None)
         if task:
             task.cancel()
@@ -373,7 +418,7 @@ class ModelRegistry:
             entries = [
                 {"modelName": r.name, "modelSpec": r.spec.to_wire(), "source": r.source.value, "version": r.version}
                 for r in self._records.values() if r.spec is not None
-            ]
+            ] + [{"modelName": n, "source": source.value, "unloaded": True} for n, source in self._declined.items()]
             await asyncio.to_thread(self._store.write, entries)
             self._flushed = snapshot_at
 

@@ -229,3 +229,59 @@ async def test_a_model_a_source_cannot_declare_is_failed_with_its_reason(make_re
     assert placer.loads == [] and store.read() == []  # never loaded, never persisted
     await registry.register("broken-folder", spec(), Source.API)  # a real spec replaces it
     assert (await settle(registry, "broken-folder")).state is ModelState.READY
+
+
+async def test_every_start_serves_what_the_repository_declares_now(make_registry):
+    registry, _, _ = make_registry()
+    await registry.restore()
+    await registry.seed([("a", spec("file:///repo-a/a"), Source.REPOSITORY_FOLDER)])
+    await registry.register("mine", spec("file:///mine"), Source.API)
+    # the next start serves another repository with the same state file
+    again, placer, _ = make_registry()
+    await again.restore()
+    await again.seed([("b", spec("file:///repo-b/b"), Source.REPOSITORY_FOLDER),
+                      ("mine", spec("file:///repo-b/mine"), Source.REPOSITORY_FOLDER)])
+    assert {m.name: m.source for m in again.list()} == {"b": Source.REPOSITORY_FOLDER, "mine": Source.API}
+    assert again.get("mine").storage_uri == "file:///mine", "a model loaded by hand is not replaced by a seed"
+
+
+async def test_a_declared_model_a_user_unloaded_stays_unloaded_until_loaded_again(make_registry):
+    registry, _, _ = make_registry()
+    await registry.restore()
+    seeds = [("a", spec("file:///a"), Source.REPOSITORY_FOLDER), ("b", spec("file:///b"), Source.MODELS_FILE)]
+    await registry.seed(seeds)
+    await registry.unregister("a")
+    again, _, _ = make_registry()
+    await again.restore()
+    await again.seed(seeds)
+    assert [m.name for m in again.list()] == ["b"]
+    await again.register("a", spec("file:///a"), Source.API)  # loaded again by hand
+    third, _, _ = make_registry()
+    await third.restore()
+    await third.seed(seeds)
+    assert sorted(m.name for m in third.list()) == ["a", "b"]
+
+
+async def test_folders_rayms_cannot_read_are_failed_and_the_rest_serve(make_registry):
+    registry, _, _ = make_registry()
+    await registry.restore()
+    await registry.seed([("good", spec(), Source.REPOSITORY_FOLDER),
+                         ("empty", "no model file in /repo/empty", Source.REPOSITORY_FOLDER),
+                         ("toobig", spec(memory="4Gi"), Source.REPOSITORY_FOLDER),
+                         ("bad name!", "whatever", Source.REPOSITORY_FOLDER)])
+    assert (await settle(registry, "good")).state is ModelState.READY
+    assert registry.get("empty").state is ModelState.FAILED and "no model file" in registry.get("empty").reason
+    assert "exceeds the model-memory budget" in registry.get("toobig").reason
+    assert sorted(m.name for m in registry.list()) == ["empty", "good", "toobig"]
+
+
+def test_instances_on_other_ports_or_repositories_keep_state_apart(tmp_path):
+    base = Settings(cache_dir=str(tmp_path), model_repository=str(tmp_path / "a"))
+    uris = {base.resolved_state_uri(),
+            Settings(cache_dir=str(tmp_path), model_repository=str(tmp_path / "b")).resolved_state_uri(),
+            Settings(cache_dir=str(tmp_path), model_repository=str(tmp_path / "a"), port=8001).resolved_state_uri(),
+            Settings(cache_dir=str(tmp_path), models_file=str(tmp_path / "m.json")).resolved_state_uri()}
+    assert len(uris) == 4
+    assert base.resolved_state_uri() == Settings(cache_dir=str(tmp_path),
+                                                 model_repository=str(tmp_path / "a")).resolved_state_uri()
+    assert Settings(state_uri="s3://b/state.json").resolved_state_uri() == "s3://b/state.json"

@@ -30,7 +30,6 @@ from rayms.cluster.serve_private import report_model_ids
 from rayms.codecs import InferRequest, InferResult
 from rayms.config import ModelSpec, Settings
 from rayms.dataplane import DataPlane, PythonApi
-from rayms.errors import RaymsError
 from rayms.host import ModelHost
 from rayms.ray_env import deployment_env
 from rayms.registry import ModelRegistry
@@ -72,18 +71,10 @@ class Registry:
         self._settings = Settings(**settings)
         app_name = _app_name()
         store = StateStore(self._settings.resolved_state_uri())
-        first_start = not store.read()
         self._placer = HandlePlacer(lambda: serve.get_deployment_handle(REPLICA, app_name))
         self._registry = ModelRegistry(self._settings, store=store, placer=self._placer)
         await self._registry.restore()
-        if first_start:
-            # Seed from the models file / repository folder only once: afterwards the persisted desired
-            # set is the truth, so a model unloaded by a user does not come back on restart.
-            for name, spec, source in seed_models(self._settings):
-                try:
-                    await self._registry.register(name, spec, source)
-                except RaymsError as exc:
-                    logger.error("model %s: not registered from %s: %s", name, source.value, exc)
+        await self._registry.seed(seed_models(self._settings))
         self._pruner = asyncio.get_running_loop().create_task(self._prune_dead_replicas())
 
     async def _prune_dead_replicas(self) -> None:
