@@ -210,7 +210,26 @@ class Settings(BaseSettings):
     """Time limit of one download attempt."""
 
     load_timeout_s: float = Field(default=600.0, gt=0)
-    """Time a replica has to fetch and load a model before the model is FAILED."""
+    """Time a replica has to fetch and load a model (one attempt). A repository load waits this long (plus
+    a second) for READY or FAILED; a wait that runs out is an error (504), never a success."""
+
+    load_attempts: PositiveInt = 3
+    """Attempts per load when it fails for a transient reason (the replica died or restarted mid-load, or
+    never answered); permanent failures (a bad artifact, an unknown framework) are not retried."""
+
+    load_backoff_s: float = Field(default=1.0, gt=0)
+    """Pause before the second load attempt; doubles on each further one, at most 30 s."""
+
+    predict_timeout_s: float = Field(default=30.0, gt=0)
+    """Longest one predict call may run; its request is answered 504 then (the call itself cannot be
+    stopped and keeps one of its model's threads until it ends)."""
+
+    predict_threads: PositiveInt = 4
+    """Threads per replica that run predict calls (off the event loop); one model may use at most half."""
+
+    quarantine_after: PositiveInt = 3
+    """A model whose predict calls overrun ``predict_timeout_s`` this many times in a row is FAILED
+    (quarantined) until it is loaded again."""
 
     max_request_bytes: PositiveInt = 64 * 2**20
     """Largest request body accepted (413 beyond)."""

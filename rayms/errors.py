@@ -136,3 +136,9 @@ class ModelLoadFailed(RaymsError):
     """A repository load ended FAILED. The repository extension answers load failures with 400."""
 
     status_code = 400
+
+
+class PredictTimedOut(RaymsError):
+    """A predict call ran longer than ``predict_timeout_s``; the request is answered without waiting for it."""
+
+    status_code = 504

@@ -111,6 +111,9 @@ class Registry:
     async def report_residency(self, replica: str, loaded: list[str], evicted: list[str]) -> None:
         await self._registry.report_residency(replica, loaded, evicted)
 
+    async def quarantine(self, name: str, version: int, reason: str) -> None:
+        await self._registry.quarantine(name, version, reason)
+
 
 # ---------------------------------------------------------------------------------------------- replicas
 async def _start_host(settings: Settings) -> tuple[ModelHost, RegistryView]:

@@ -53,6 +53,9 @@ class RegistryReporterHandle:
     def residency(self, replica: str, loaded: list[str], evicted: list[str]) -> None:
         self._handle.report_residency.remote(replica, loaded, evicted)
 
+    def failed(self, name: str, version: int, reason: str) -> None:
+        self._handle.quarantine.remote(name, version, reason)
+
 
 class ReplicaModels:
     """:class:`rayms.dataplane.Models` over the model replicas (the two-hop router): each call is routed by
@@ -103,7 +106,7 @@ class HandlePlacer:
     async def load(self, name: str, spec: ModelSpec, version: int) -> LoadReport:
         return await call(self._replicas.options(multiplexed_model_id=name).load_model.remote(name, spec, version))
 
-    async def unload(self, name: str, spec: ModelSpec) -> None:
+    async def unload(self, name: str, spec: ModelSpec | None) -> None:
         await call(self._replicas.broadcast("unload_model", name, spec).results_async())
 
     async def census(self) -> list[ReplicaReport]:
