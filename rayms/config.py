@@ -18,7 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rayms.errors import InvalidMemory, InvalidSpec, UnsupportedFramework
@@ -244,6 +244,41 @@ class Settings(BaseSettings):
     max_batch_latency_ms: float = Field(default=0.0, ge=0, le=1000)
     """Default for models whose parameters do not say (``max_batch_latency_ms``): how long the first request
     of a batch may wait for others. 0 batches only requests that are already waiting."""
+
+    control_token: SecretStr | None = None
+    """Bearer token the control API (load, unload, index, listings) requires when set (a secret:
+    ``RAYMS_CONTROL_TOKEN``). Without one, the control API answers only on a loopback bind."""
+
+    control_token_file: str | None = None
+    """A file holding the control token, e.g. a mounted Kubernetes Secret (read when the server starts)."""
+
+    inference_token: SecretStr | None = None
+    """Bearer token inference and model metadata require when set (a secret: ``RAYMS_INFERENCE_TOKEN``);
+    the control token is accepted too."""
+
+    inference_token_file: str | None = None
+    """A file holding the inference token."""
+
+    model_control: Literal["api", "none"] = "api"
+    """``none``: the repository API cannot load or unload models; the server serves what its repository,
+    models file or TrainedModels declare (Triton's ``--model-control-mode=none``)."""
+
+    allow_storage: list[str] = Field(default_factory=list)
+    """Storage prefixes models may come from (``s3://models/``, ``pvc://models/``, a local folder), besides
+    the model repository and the pvc root. Enforced on a non-loopback bind, and on any bind once set."""
+
+    max_control_in_flight: PositiveInt = 256
+    """Control requests (loads wait for READY) one replica holds at once; more get 503."""
+
+    max_json_bytes: PositiveInt = 8 * 2**20
+    """Largest JSON inference body (413 beyond); bodies with binary tensors may be up to
+    ``max_request_bytes``. JSON tensors take several times their size in memory once decoded."""
+
+    max_buffered_bytes: PositiveInt = 256 * 2**20
+    """Request bytes one replica holds at once across every request it is reading; beyond, 503."""
+
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    """Time a client has to send its whole request body (408 beyond)."""
 
     kubernetes: bool = False
     """Run the TrainedModel bridge inside the application."""

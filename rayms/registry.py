@@ -21,9 +21,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from rayms.access import check_storage
+from rayms.redact import redact
 from rayms.config import ModelSpec, Settings, validate_model_name
-from rayms.errors import LoadTimedOut, MemoryUnavailable, ModelLoadFailed, ModelNotFound, Overloaded, RaymsError
-from rayms.status import Changes, LoadReport, ModelState, ModelStatus, Source
+from rayms.errors import Conflict, LoadTimedOut, MemoryUnavailable, ModelLoadFailed, ModelNotFound, Overloaded, RaymsError
+from rayms.status import Changes, LoadReport, ModelState, ModelStatus, ReplicaReport, Source
 from rayms.statestore import StateStore
 
 logger = logging.getLogger("rayms.registry")
@@ -68,7 +70,7 @@ class ModelRecord:
         """The record as subscribers and the repository index see it."""
         return ModelStatus(
             name=self.name, version=self.version, state=self.state, source=self.source, spec=self.spec,
-            reason=self.reason, measured_bytes=self.measured_bytes, load_time_s=self.load_time_s,
+            reason=redact(self.reason), measured_bytes=self.measured_bytes, load_time_s=self.load_time_s,
             replicas=tuple(sorted(self.replicas)), metadata=self.metadata, updated_at=self.updated_at,
         )
 
@@ -153,13 +155,18 @@ class ModelRegistry:
             await self._persist()
 
     # ---------------------------------------------------------------- desired state
-    async def register(self, name: str, spec: ModelSpec, source: Source = Source.API) -> ModelStatus:
+    async def register(self, name: str, spec: ModelSpec, source: Source = Source.API, *,
+                       force: bool = False) -> ModelStatus:
         """Add a model or change its spec. Returns its status at once; loading goes on in the background.
 
-        Registering the same spec again is a no-op unless the model FAILED (then it retries).
+        Registering the same spec again is a no-op unless the model FAILED (then it retries). A model a
+        TrainedModel declares is replaced by another source only with ``force``; storage this server may not
+        load from is refused (:func:`rayms.access.check_storage`).
         """
         validate_model_name(name)
         source = Source.parse(source)
+        check_storage(self._settings, spec.storage_uri)
+        self._check_owner(name, source, force)
         budget = self._settings.replica_memory_bytes
         if spec.memory_bytes > budget:
             raise MemoryUnavailable(
@@ -185,9 +192,10 @@ class ModelRegistry:
             raise
         return registered
 
-    async def load(self, name: str, spec: ModelSpec, source: Source = Source.API) -> ModelStatus:
+    async def load(self, name: str, spec: ModelSpec, source: Source = Source.API, *,
+                   force: bool = False) -> ModelStatus:
         """Register and wait until READY or FAILED (the repository API's load), within ``load_timeout_s``."""
-        asked = await self.register(name, spec, source)
+        asked = await self.register(name, spec, source, force=force)
         # A little longer than the load's own bound, so a load that runs out of time ends as FAILED with its
         # reason; the wait itself times out only for a load still queued behind max_concurrent_loads.
         status = await self.wait_settled(name, self._settings.load_timeout_s + LOAD_WAIT_GRACE_S)
@@ -205,6 +213,15 @@ class ModelRegistry:
         self._touch(record)
         await self._notify()
         return record.status()
+
+    def _check_owner(self, name: str, source: Source, force: bool) -> None:
+        """One owner per model: what a TrainedModel declares, the HTTP API changes only when forced (the
+        TrainedModel would still say Ready while serving something else)."""
+        current = self._records.get(name)
+        if current is not None and current.source is Source.KUBERNETES and source is not Source.KUBERNETES \
+                and not force:
+            raise Conflict(f"model {name} is declared by a TrainedModel (source kubernetes): change or delete the "
+                           "TrainedModel, or send \"force\": true")
 
     def _put(self, name: str, spec: ModelSpec, source: Source, version: int = 1) -> ModelRecord:
         current = self._records.get(name)
@@ -230,14 +247,17 @@ class ModelRegistry:
         self._start_load(record)
         return record
 
-    async def unregister(self, name: str, source: Source | None = None, *, decline: bool = True) -> None:
+    async def unregister(self, name: str, source: Source | None = None, *, decline: bool = True,
+                         force: bool = False) -> None:
         """Remove a model: from the desired set, from every replica, and from the artifact caches.
 
         A model the server's own sources declare is remembered as declined (``decline``), so a restart does
-        not bring it back."""
+        not bring it back. ``source`` None (the HTTP API) removes a TrainedModel's model only with ``force``."""
         record = self._records.get(name)
         if record is None or (source is not None and record.source != source):
             raise ModelNotFound(name)
+        if source is None:
+            self._check_owner(name, Source.API, force)
         if decline and record.source in SEEDED:
             self._declined[name] = record.source
         task = self._tasks.pop(name, None)
@@ -403,12 +423,20 @@ class ModelRegistry:
         if touched:
             await self._notify()
 
-    async def keep_replicas(self, alive: set[str]) -> None:
-        """Replicas not in ``alive`` went away: they hold nothing any more."""
+    async def reconcile(self, reports: list[ReplicaReport]) -> None:
+        """Take which replica holds which model from the replicas' own reports (at start, and now and then):
+        a restored registry learns what replicas that outlived it hold, and one that died holds nothing."""
+        holders: dict[str, set[str]] = {}
+        for report in reports:
+            for name, resident in report.models.items():
+                record = self._records.get(name)
+                if record is not None and resident.version == record.version:
+                    holders.setdefault(name, set()).add(report.replica)
         touched = False
-        for record in self._records.values():
-            if record.replicas - alive:
-                record.replicas &= alive
+        for name, record in self._records.items():
+            held = holders.get(name, set())
+            if record.replicas != held:
+                record.replicas = held
                 self._touch(record)
                 touched = True
         if touched:

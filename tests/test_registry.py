@@ -14,7 +14,7 @@ from rayms.errors import (
     UnsupportedFramework,
 )
 from rayms.registry import ModelRegistry
-from rayms.status import LoadReport, ModelState, Source
+from rayms.status import LoadReport, ModelState, ReplicaReport, ResidentModel, Source
 from rayms.statestore import StateStore
 
 
@@ -195,14 +195,24 @@ async def test_thousand_registrations_share_few_state_writes(make_registry, monk
     assert {s.state for s in statuses} == {"READY"}
 
 
-async def test_replicas_that_went_away_leave_the_index(make_registry):
+async def test_the_index_says_who_holds_what_by_the_replicas_own_reports(make_registry):
     registry, _, _ = make_registry()
     await registry.register("a", spec(), "repository")
-    await settle(registry, "a")
+    await registry.register("b", spec("file:///b"), "repository")
+    await settle(registry, "a"), await settle(registry, "b")
     await registry.report_residency("r2", loaded=["a"], evicted=[])
     assert registry.get("a").replicas == ("r1", "r2")
-    await registry.keep_replicas({"r2"})
-    assert registry.get("a").replicas == ("r2",)
+
+    def report(replica, **versions):
+        return ReplicaReport(replica=replica, node="n", used_bytes=0, budget_bytes=1, evictions=0,
+                             models={n: ResidentModel(version=v, charged_bytes=1, measured_bytes=1)
+                                     for n, v in versions.items()})
+
+    # r1 died; r2 still holds a; r3 holds b, and an old version of a, which does not count
+    await registry.reconcile([report("r2", a=1), report("r3", b=1)])
+    assert registry.get("a").replicas == ("r2",) and registry.get("b").replicas == ("r3",)
+    await registry.reconcile([report("r3", a=0, b=1)])
+    assert registry.get("a").replicas == ()
 
 
 async def test_a_load_that_never_answers_ends_failed(make_registry):

@@ -28,11 +28,11 @@ class RegistryHandle:
     async def register(self, name: str, spec: ModelSpec, source: Source) -> ModelStatus:
         return await call(self._handle.register.remote(name, spec, source))
 
-    async def load(self, name: str, spec: ModelSpec, source: Source) -> ModelStatus:
-        return await call(self._handle.load.remote(name, spec, source))
+    async def load(self, name: str, spec: ModelSpec, source: Source, *, force: bool = False) -> ModelStatus:
+        return await call(self._handle.load.remote(name, spec, source, force=force))
 
-    async def unregister(self, name: str, source: Source | None = None) -> None:
-        await call(self._handle.unregister.remote(name, source))
+    async def unregister(self, name: str, source: Source | None = None, *, force: bool = False) -> None:
+        await call(self._handle.unregister.remote(name, source, force=force))
 
     async def list(self, source: Source | None = None) -> list[ModelStatus]:
         return await call(self._handle.list.remote(source))
@@ -78,11 +78,11 @@ class ClusterControl:
         self._registry = registry
         self._replicas = replicas
 
-    async def load(self, name: str, spec: ModelSpec, source: Source) -> ModelStatus:
-        return await self._registry.load(name, spec, source)
+    async def load(self, name: str, spec: ModelSpec, source: Source, *, force: bool = False) -> ModelStatus:
+        return await self._registry.load(name, spec, source, force=force)
 
-    async def unregister(self, name: str, source: Source | None = None) -> None:
-        await self._registry.unregister(name, source)
+    async def unregister(self, name: str, source: Source | None = None, *, force: bool = False) -> None:
+        await self._registry.unregister(name, source, force=force)
 
     async def replicas(self) -> list[ReplicaReport]:
         return await call(self._replicas.broadcast("report").results_async())

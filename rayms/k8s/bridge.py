@@ -25,6 +25,7 @@ from rayms.k8s.resources import (
     SOURCE, Coordinates, comparable, condition_for, desired_status, parse, with_transition_times,
 )
 from rayms.k8s.watcher import TrainedModelWatcher
+from rayms.redact import redact
 from rayms.status import Changes, ModelStatus, Source
 from rayms.view import RegistryView
 
@@ -182,7 +183,7 @@ class TrainedModelBridge:
             try:
                 await self._registry.register(name, parsed.spec, SOURCE)
             except RaymsError as error:
-                self._refusals[name] = (str(error), condition_for(error))
+                self._refusals[name] = (redact(str(error)), condition_for(error))
         self._mark_dirty(name)
 
     async def _unregister(self, name: str) -> None:
