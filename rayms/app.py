@@ -56,7 +56,7 @@ class Registry:
 
     async def __init__(self, settings: dict[str, Any]) -> None:
         self._settings = Settings(**settings)
-        store = StateStore(self._settings.resolved_state_uri())
+        store = StateStore(self._settings.resolved_state_uri(), env=self._settings.storage_env)
         first_start = not store.read()
         self._placer = HandlePlacer(self._app_name())
         self._registry = ModelRegistry(self._settings, store=store, placer=self._placer)
