@@ -147,6 +147,10 @@ class KubernetesBridge:
     async def stats(self) -> dict[str, Any]:
         return self._bridge.stats()
 
+    async def check_health(self) -> None:
+        """Serve's liveness probe: a stuck watch fails it, and Serve replaces this replica."""
+        self._bridge.check_health()
+
     def __del__(self) -> None:
         self._bridge.close()
 
