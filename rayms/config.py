@@ -18,7 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rayms.errors import InvalidMemory, InvalidSpec, UnsupportedFramework
@@ -295,6 +295,18 @@ class Settings(BaseSettings):
     kubeconfig: str | None = None
     """Path to a kubeconfig when running outside the cluster."""
 
+    bridge_request_timeout_s: float = Field(default=10.0, gt=0)
+    """Time limit to connect and to read an answer, on every Kubernetes API call of the bridge. A watch may
+    stay silent for ``bridge_watch_timeout_s`` plus this before its connection is taken for dead and replaced."""
+
+    bridge_watch_timeout_s: PositiveInt = 60
+    """How long the API server keeps one watch open (``timeoutSeconds``) before the bridge watches again."""
+
+    bridge_stale_after_s: float = Field(default=180.0, gt=0)
+    """Liveness bound of the bridge: when its watch has had no list, event or bookmark for this long, its
+    health check fails and Serve restarts it. Must exceed ``bridge_watch_timeout_s + bridge_request_timeout_s``,
+    the longest a healthy but quiet watch stays silent."""
+
     status_protocol: Literal["v1", "v2"] = "v2"
     """Which predict path a TrainedModel's ``status.url`` points at."""
 
@@ -303,6 +315,14 @@ class Settings(BaseSettings):
 
     cluster_url: str | None = None
     """Base URL inside the cluster (``status.address.url``); default: ``http://<inferenceService>-serve-svc.<ns>.svc.cluster.local:8000``."""
+
+    @model_validator(mode="after")
+    def _stale_bound_above_a_quiet_watch(self) -> "Settings":
+        quiet = self.bridge_watch_timeout_s + self.bridge_request_timeout_s
+        if self.bridge_stale_after_s <= quiet:
+            raise ValueError(f"bridge_stale_after_s ({self.bridge_stale_after_s}) must exceed bridge_watch_timeout_s "
+                             f"+ bridge_request_timeout_s ({quiet}): a healthy watch may be silent that long")
+        return self
 
     def resolved_state_uri(self) -> str:
         """``state_uri``, or the default: one file per (app name, port, model repository, models file)."""

@@ -31,6 +31,7 @@ import tarfile
 import threading
 import uuid
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
@@ -162,14 +163,14 @@ def _copy_http(uri: str, *, into: Path, settings, cancel: threading.Event) -> st
         raise StorageError(f"{uri}: http URIs must name a file or an archive (HTTP has no folder listing)")
     import aiohttp  # present whenever the http backend is; for the per-read timeout only
 
-    fs = _filesystem(uri, settings=settings, timeout=aiohttp.ClientTimeout(
+    fs = _filesystem(uri, timeout_s=settings.download_timeout_s, client_timeout=aiohttp.ClientTimeout(
         total=None, sock_connect=settings.download_timeout_s, sock_read=settings.download_timeout_s))
     return _store_file(fs, rpath=uri, name=name, into=into, uri=uri, cancel=cancel)
 
 
 def _copy_fs(uri: str, *, into: Path, settings, cancel: threading.Event) -> str:
     """One object or a whole prefix of an object store."""
-    fs = _filesystem(uri, settings=settings)
+    fs = _filesystem(uri, timeout_s=settings.download_timeout_s)
     root = fs._strip_protocol(uri).rstrip("/")
     if not root:
         raise StorageError(f"{uri}: bad URI: no bucket or container")
@@ -199,8 +200,27 @@ def _store_file(fs, *, rpath: str, name: str, into: Path, uri: str, cancel: thre
     return ""
 
 
-def _filesystem(uri: str, *, settings, timeout=None):
-    """A fresh filesystem per download: no instance shared between threads, no stale endpoint."""
+def remote_filesystem(uri: str, *, env: Mapping[str, str], timeout_s: float):
+    """The fsspec filesystem and path of a remote ``uri``, for callers outside the node agents.
+
+    ``env`` is laid over this process's environment, the way an agent's ``storage_env`` is: for S3 it
+    supplies the endpoint and static credentials (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, ``AWS_REGION``). Other backends read their credentials from
+    the process environment themselves.
+    """
+    try:
+        fs = _filesystem(uri, timeout_s=timeout_s, env={**os.environ, **env}, explicit=env)
+    except StorageError:
+        raise
+    except Exception as exc:  # a backend refusing its options: same classifier as a download
+        raise classify(exc, uri=uri) from exc
+    return fs, fs._strip_protocol(uri)
+
+
+def _filesystem(uri: str, *, timeout_s: float, env: Mapping[str, str] | None = None,
+                explicit: Mapping[str, str] | None = None, client_timeout=None):
+    """A fresh filesystem per call: no instance shared between threads, no stale endpoint. ``env``: where the
+    endpoint comes from (default: this process's environment); ``explicit``: credentials to pass as options."""
     scheme = scheme_of(uri)
     if scheme not in BACKENDS:
         raise StorageError(
@@ -213,26 +233,35 @@ def _filesystem(uri: str, *, settings, timeout=None):
         raise StorageError(f"{scheme}:// needs {package}: pip install 'rayms[{extra}]'") from exc
     options: dict = {"skip_instance_cache": True}
     if protocol == "s3":
-        options.update(_s3_options(settings))
-    if timeout is not None:
-        options["client_kwargs"] = {"timeout": timeout}
+        options.update(_s3_options(os.environ if env is None else env, timeout_s=timeout_s, explicit=explicit or {}))
+    if client_timeout is not None:
+        options.setdefault("client_kwargs", {})["timeout"] = client_timeout
     return fsspec.filesystem(protocol, **options)
 
 
-def _s3_options(settings) -> dict:
+# s3fs keyword for each credential variable, taken from an explicit mapping only: without one, botocore
+# reads the same variables (and its other sources: profiles, web identity, instance metadata) itself.
+_S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "token",
+                   "AWS_PROFILE": "profile"}
+
+
+def _s3_options(env: Mapping[str, str], *, timeout_s: float, explicit: Mapping[str, str]) -> dict:
     """Endpoint from the environment (botocore only knows the AWS_* names, KServe used S3_ENDPOINT)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint and os.environ.get("S3_ENDPOINT"):
-        endpoint = os.environ["S3_ENDPOINT"]
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if not endpoint and env.get("S3_ENDPOINT"):
+        endpoint = env["S3_ENDPOINT"]
         if "://" not in endpoint:
-            secure = os.environ.get("S3_USE_HTTPS", "1").lower() not in ("0", "false", "no")
+            secure = env.get("S3_USE_HTTPS", "1").lower() not in ("0", "false", "no")
             endpoint = ("https://" if secure else "http://") + endpoint
-    options: dict = {"config_kwargs": {"connect_timeout": settings.download_timeout_s,
-                                       "read_timeout": settings.download_timeout_s}}
+    options: dict = {"config_kwargs": {"connect_timeout": timeout_s, "read_timeout": timeout_s}}
     if endpoint:
         options["endpoint_url"] = endpoint
-    if os.environ.get("AWS_ANONYMOUS_CREDENTIAL", "").lower() in ("1", "true", "yes"):
+    if env.get("AWS_ANONYMOUS_CREDENTIAL", "").lower() in ("1", "true", "yes"):
         options["anon"] = True
+    options.update({keyword: explicit[name] for name, keyword in _S3_CREDENTIALS.items() if explicit.get(name)})
+    region = explicit.get("AWS_REGION") or explicit.get("AWS_DEFAULT_REGION")
+    if region:
+        options["client_kwargs"] = {"region_name": region}
     return options
 
 

@@ -72,7 +72,7 @@ class Registry:
         install_log_redaction()
         self._settings = Settings(**settings)
         app_name = _app_name()
-        store = StateStore(self._settings.resolved_state_uri())
+        store = StateStore(self._settings.resolved_state_uri(), env=self._settings.storage_env)
         self._placer = HandlePlacer(lambda: serve.get_deployment_handle(REPLICA, app_name))
         self._registry = ModelRegistry(self._settings, store=store, placer=self._placer)
         await self._registry.restore()
@@ -243,6 +243,10 @@ class KubernetesBridge:
 
     async def stats(self) -> dict[str, Any]:
         return self._bridge.stats()
+
+    async def check_health(self) -> None:
+        """Serve's liveness probe: a stuck watch fails it, and Serve replaces this replica."""
+        self._bridge.check_health()
 
     def __del__(self) -> None:
         self._bridge.close()
