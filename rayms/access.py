@@ -1,7 +1,7 @@
 """Who may do what: one rule a user can remember.
 
 A server bound to loopback trusts its machine's user; a server bound to anything else trusts nobody until
-configured. So on a non-loopback bind every control request (repository load, unload and index, the replica
+configured (``trust_loopback = false`` makes a loopback bind as wary, for a server behind a reverse proxy). So on a non-loopback bind every control request (repository load, unload and index, the replica
 listing, the model listings: anything that changes or reveals the model set) is refused with 401 unless a
 ``control_token`` is configured and the request carries it (``Authorization: Bearer <token>``, compared in
 constant time). With a token configured it is required on every bind. ``model_control = "none"`` turns
@@ -69,7 +69,7 @@ class AccessPolicy:
     """The access rule of one server, from its settings (token files are read once, here)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.trusted = is_loopback(settings.host)
+        self.trusted = settings.trust_loopback and is_loopback(settings.host)
         self._control = _token(settings.control_token, settings.control_token_file)
         self._inference = _token(settings.inference_token, settings.inference_token_file)
         self._changes = settings.model_control == "api"
@@ -108,7 +108,7 @@ class AccessPolicy:
 def check_storage(settings: Settings, uri: str) -> None:
     """Refuse (403) a storage location this server may not load from; see the module's description."""
     allowed = list(settings.allow_storage)
-    if is_loopback(settings.host) and not allowed:
+    if settings.trust_loopback and is_loopback(settings.host) and not allowed:
         return  # the machine's user may load from anywhere they can read
     local = _local_path(settings, uri)
     roots = [p for p in (settings.model_repository, settings.pvc_root) if p] + [

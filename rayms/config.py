@@ -245,6 +245,10 @@ class Settings(BaseSettings):
     """Default for models whose parameters do not say (``max_batch_latency_ms``): how long the first request
     of a batch may wait for others. 0 batches only requests that are already waiting."""
 
+    trust_loopback: bool = True
+    """Trust every caller of a server bound to loopback (they are this machine's users). Turn it off when
+    something forwards other people's traffic to a loopback port (a reverse proxy, a port-forward)."""
+
     control_token: SecretStr | None = None
     """Bearer token the control API (load, unload, index, listings) requires when set (a secret:
     ``RAYMS_CONTROL_TOKEN``). Without one, the control API answers only on a loopback bind."""

@@ -108,6 +108,7 @@ class ModelRegistry:
                     self._declined[name] = Source.parse(entry["source"])
                     continue
                 spec = ModelSpec.parse(entry["modelSpec"], name=name)
+                check_storage(self._settings, spec.storage_uri)  # a state file edited to point elsewhere
                 source, version = Source.parse(entry.get("source", Source.API)), int(entry.get("version", 1))
                 if entry.get("ready"):
                     # It loaded before, at this version: READY at once, no reload. Replicas that outlived the
