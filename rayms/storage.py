@@ -18,6 +18,15 @@ URI shapes:
 Result shape mirrors the URI: a file URI gives a file path, a folder or an archive gives a directory.
 S3 endpoint: ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``, then KServe's ``S3_ENDPOINT`` (host[:port]
 with ``S3_USE_HTTPS=0`` for plain http). Credentials are botocore's usual ``AWS_*`` variables.
+
+GCS: google-auth's usual credentials (``GOOGLE_APPLICATION_CREDENTIALS``, the metadata server). With
+``STORAGE_EMULATOR_HOST`` set, requests go to that emulator without credentials, as Google's own client does,
+and through gcsfs's JSON-API filesystem: its default one first asks a gRPC service for the bucket's layout,
+which emulators do not offer, and waits a minute for it on every call.
+
+Azure Blob: adlfs's ``AZURE_STORAGE_*`` variables (``AZURE_STORAGE_CONNECTION_STRING``, or
+``AZURE_STORAGE_ACCOUNT_NAME`` with a key, SAS token or service principal); a connection string also
+names the endpoint, e.g. an Azurite emulator's.
 """
 
 from __future__ import annotations
@@ -236,6 +245,10 @@ def _filesystem(uri: str, *, timeout_s: float, env: Mapping[str, str] | None = N
         options.update(_s3_options(os.environ if env is None else env, timeout_s=timeout_s, explicit=explicit or {}))
     if client_timeout is not None:
         options.setdefault("client_kwargs", {})["timeout"] = client_timeout
+    if protocol == "gcs" and os.environ.get("STORAGE_EMULATOR_HOST", "") not in ("", "default"):
+        from gcsfs.core import GCSFileSystem  # the JSON API only (see the module docstring)
+
+        return GCSFileSystem(token="anon", **options)
     return fsspec.filesystem(protocol, **options)
 
 
@@ -323,10 +336,12 @@ def classify(exc: BaseException, *, uri: str) -> StorageError:
 
 
 def _status_of(exc: BaseException) -> int | None:
-    """The HTTP status an aiohttp (``status``) or botocore (``response``) error carries, if any."""
-    status = getattr(exc, "status", None)
-    if isinstance(status, int):
-        return status
+    """The HTTP status an aiohttp (``status``), Azure SDK (``status_code``) or botocore (``response``) error
+    carries, if any."""
+    for attribute in ("status", "status_code"):
+        status = getattr(exc, attribute, None)
+        if isinstance(status, int):
+            return status
     response = getattr(exc, "response", None)
     code = response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
     return code if isinstance(code, int) else None
