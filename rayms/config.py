@@ -149,6 +149,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     """HTTP port of the endpoint."""
 
+    grpc_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of the Open Inference Protocol's gRPC endpoint (``inference.GRPCInferenceService``) on ``host``;
+    None serves no gRPC."""
+
     num_replicas: PositiveInt = Field(default_factory=lambda: os.cpu_count() or 1)
     """Number of model replicas, each with its own LRU of loaded models (default: one per core, since a
     replica serves requests on one core)."""
