@@ -26,7 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
     from rayms.config import Settings, parse_quantity
     from rayms.errors import InvalidSpec
 
-    overrides: dict[str, Any] = {"host": args.host, "port": args.port}
+    overrides: dict[str, Any] = {"host": args.host, "port": args.port, "grpc_port": args.grpc_port}
     if args.replicas is not None:
         overrides["num_replicas"] = args.replicas
     if args.max_models_per_replica is not None:
@@ -74,7 +74,8 @@ def _serve(args: argparse.Namespace) -> int:
             from rayms.demo import print_demo_commands
 
             print_demo_commands(base)
-        print(f"rayms is serving on {base} (Ctrl-C stops it)", flush=True)
+        grpc = f" and gRPC on {settings.host}:{settings.grpc_port}" if settings.grpc_port is not None else ""
+        print(f"rayms is serving on {base}{grpc} (Ctrl-C stops it)", flush=True)
     while not stop.wait(timeout=1.0):
         pass
     print("stopping rayms ...", flush=True)
@@ -175,6 +176,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--models", dest="models_file", help="KServe models.json to register at start")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=None,
+                       help="also serve the Open Inference Protocol over gRPC on this port (default: no gRPC)")
     serve.add_argument("--replicas", type=int, help="number of model replicas")
     serve.add_argument("--max-models-per-replica", type=int, help="models one replica keeps loaded")
     serve.add_argument("--replica-memory", help="model-memory budget per replica, e.g. 2Gi")

@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rayms.errors import InvalidSpec
@@ -251,6 +251,12 @@ class Settings(BaseSettings):
 
     cluster_url: str | None = None
     """Base URL inside the cluster (``status.address.url``); default: ``http://<inferenceService>-serve-svc.<ns>.svc.cluster.local:8000``."""
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> "Settings":
+        if self.grpc_port is not None and self.grpc_port == self.port and self.port != 0:
+            raise ValueError(f"grpc_port {self.grpc_port} is also the HTTP port; give gRPC a port of its own")
+        return self
 
     def resolved_state_uri(self) -> str:
         return self.state_uri or str(Path(self.cache_dir) / f"{self.app_name}-models.json")

@@ -37,6 +37,7 @@ from rayms.codecs import (
 from rayms.config import Settings
 from rayms.dataplane import DataPlane, naming_model
 from rayms.errors import InvalidInput, Overloaded, PayloadTooLarge, RaymsError
+from rayms.grpc_ingress import GrpcIngress
 from rayms.replica import REPLICA, ModelReplica
 from rayms.view import RegistryView
 
@@ -428,7 +429,7 @@ class PythonApi:
 
 
 @serve.ingress()
-class IngressReplica(PythonApi, ModelReplica):
+class IngressReplica(PythonApi, GrpcIngress, ModelReplica):
     """The default ingress: a model replica that also answers HTTP, so a request for a model it holds
     is served in this process with no Ray hop. Put HAProxy in front with ``balance uri`` (what
     ``rayms serve`` does) and each model gets a home replica; behind Serve's own proxy any replica serves
@@ -445,7 +446,7 @@ class IngressReplica(PythonApi, ModelReplica):
 
 
 @serve.ingress()
-class Router(PythonApi):
+class Router(PythonApi, GrpcIngress):
     """The two-hop ingress (``Settings.ingress = "router"``): HTTP here, models on separate replicas
     reached through a handle with ``multiplexed_model_id``. Suits models too heavy to share a process
     with HTTP handling."""
