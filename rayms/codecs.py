@@ -1,5 +1,6 @@
-"""Encoders and decoders between HTTP bodies and numpy tensors: Open Inference Protocol (V2) and KServe V1.
-(:mod:`rayms.grpc_api` uses the raw-tensor helpers for gRPC's ``raw_input_contents``/``raw_output_contents``.)
+"""Encoders and decoders between HTTP bodies and numpy tensors: Open Inference Protocol (V2) and KServe V1. The
+gRPC service (:mod:`rayms.grpc_api`) shares the raw-tensor layout through :func:`decode_raw_tensor`,
+:func:`encode_raw_tensor` and :func:`selected_outputs`.
 
 Every inference request passes through here, so this module stays on the fast path: no pydantic, orjson for JSON,
 and binary tensors (OIP binary tensor data extension) mapped with ``np.frombuffer`` without copying. The value types
