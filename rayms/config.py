@@ -150,6 +150,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     """HTTP port of the endpoint."""
 
+    grpc_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of the Open Inference Protocol's gRPC endpoint (``inference.GRPCInferenceService``) on ``host``;
+    None serves no gRPC."""
+
     num_replicas: PositiveInt = Field(default_factory=lambda: os.cpu_count() or 1)
     """Number of model replicas, each with its own LRU of loaded models (default: one per core, since a
     replica serves requests on one core)."""
@@ -326,6 +330,12 @@ class Settings(BaseSettings):
         if self.bridge_stale_after_s <= quiet:
             raise ValueError(f"bridge_stale_after_s ({self.bridge_stale_after_s}) must exceed bridge_watch_timeout_s "
                              f"+ bridge_request_timeout_s ({quiet}): a healthy watch may be silent that long")
+        return self
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> "Settings":
+        if self.grpc_port is not None and self.grpc_port == self.port and self.port != 0:
+            raise ValueError(f"grpc_port {self.grpc_port} is also the HTTP port; give gRPC a port of its own")
         return self
 
     def resolved_state_uri(self) -> str:

@@ -179,6 +179,7 @@ def test_ctrl_c_stops_everything_it_started(served):
     (["--max-batch-size", "0"], "max_batch_size"),
     (["--max-models-per-replica", "-1"], "max_models_per_replica"),
     (["--port", "70000"], "port"),
+    (["--port", "8123", "--grpc-port", "8123"], "grpc_port"),
     (["--replica-memory", "lots"], "--replica-memory"),
 ])
 def test_serve_refuses_bad_settings_before_starting_anything(flags, named, tmp_path):

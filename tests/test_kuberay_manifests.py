@@ -360,6 +360,18 @@ def test_every_node_routes_by_model_through_haproxy_as_rayms_serve_does():
     assert serve_config()["proxy_location"] == "EveryNode", "HAProxy runs where Serve would run its proxies"
 
 
+def test_grpc_is_served_and_exposed_on_its_own_port():
+    from ray.serve.config import gRPCOptions
+
+    from rayms.cluster.grpc import SERVICER_FUNCTION
+
+    options = gRPCOptions(**serve_config()["grpc_options"])
+    assert options.grpc_servicer_functions == [SERVICER_FUNCTION]
+    assert callable(options.grpc_servicer_func_callable[0])  # the import path resolves
+    ports = {p["name"]: p["port"] for p in the_rayservice()["spec"]["serveService"]["spec"]["ports"]}
+    assert ports == {"serve": serve_config()["http_options"]["port"], "grpc": options.port}
+
+
 def dockerfile() -> str:
     return (KUBERAY / "Dockerfile").read_text()
 

@@ -4,8 +4,8 @@
   and every model's lifecycle.
 - ``ModelReplica`` owns a :class:`~rayms.host.ModelHost`. With the default ingress it *is* the ingress
   (:class:`IngressReplica`): it also has a :class:`~rayms.dataplane.DataPlane` whose models are its own
-  host, and answers HTTP with :func:`rayms.router.build_api`, so a request is decoded, predicted and encoded
-  in one process. With ``ingress="router"`` a separate :class:`Router` answers HTTP and reaches the replicas
+  host, and answers HTTP with :func:`rayms.router.build_api` (and gRPC with :class:`~rayms.cluster.grpc.GrpcIngress`),
+  so a request is decoded, predicted and encoded in one process. With ``ingress="router"`` a separate :class:`Router` answers HTTP and reaches the replicas
   through a handle.
 - ``KubernetesBridge`` (one replica, only with ``kubernetes=True``) runs the TrainedModel bridge.
 
@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve import Application
 
 from rayms.cluster.agent import NodeArtifacts
+from rayms.cluster.grpc import GrpcIngress
 from rayms.cluster.handles import ClusterControl, HandlePlacer, RegistryHandle, RegistryReporterHandle, ReplicaModels
 from rayms.cluster.metrics import Metrics
 from rayms.cluster.serve_private import report_model_ids
@@ -189,7 +190,7 @@ class ModelReplica(_ReplicaCalls):
 
 
 @serve.ingress()
-class IngressReplica(_ReplicaCalls, _PythonCalls):
+class IngressReplica(_ReplicaCalls, _PythonCalls, GrpcIngress):
     """The default ingress: a model replica that also answers HTTP, so a request for a model it holds is
     served in this process with no Ray hop. Put HAProxy in front with ``balance uri`` (what ``rayms serve``
     does) and each model gets a home replica; behind Serve's own proxy any replica serves any model, loading
@@ -208,7 +209,7 @@ class IngressReplica(_ReplicaCalls, _PythonCalls):
 
 
 @serve.ingress()
-class Router(_PythonCalls):
+class Router(_PythonCalls, GrpcIngress):
     """The two-hop ingress (``Settings.ingress = "router"``): HTTP here, models on separate replicas reached
     through a handle with ``multiplexed_model_id``. Suits models too heavy to share a process with HTTP."""
 
