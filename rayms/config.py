@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rayms.errors import InvalidMemory, InvalidSpec, UnsupportedFramework
+from rayms.memory import replica_budget_bytes
 
 FRAMEWORKS = ("sklearn", "xgboost", "lightgbm", "onnx")
 
@@ -166,11 +167,17 @@ class Settings(BaseSettings):
     """For ``rayms serve``: put Ray Serve's HAProxy in front, hashing the model's URL so each model has a
     home replica (only when Ray is started by rayms; on a cluster, set Ray's variables yourself)."""
 
-    max_models_per_replica: PositiveInt = 100
-    """How many models one replica keeps loaded before evicting the least recently used."""
+    max_models_per_replica: PositiveInt | None = None
+    """At most this many models loaded in one replica (least recently used evicted beyond). Default: no count
+    limit; the memory budget alone decides how many fit."""
 
-    replica_memory_bytes: PositiveInt = 2 * 2**30
-    """Model-memory budget of one replica; declared model memory is admitted and evicted against it."""
+    replica_memory_bytes: PositiveInt | None = None
+    """Model-memory budget of one replica: models are admitted and evicted against it, each charged the larger
+    of its declared memory and what it measured on load. Default: ``replica_memory_fraction`` of what the
+    machine (or container) really has, shared by the replicas on the node."""
+
+    replica_memory_fraction: float = Field(default=0.5, gt=0, le=1)
+    """Share of the node's memory the replicas' models may use together when ``replica_memory_bytes`` is unset."""
 
     replica_num_cpus: float = Field(default=0.0, ge=0)
     """CPUs Ray reserves per model replica (0 lets replicas share a small machine)."""
@@ -337,6 +344,13 @@ class Settings(BaseSettings):
         if self.grpc_port is not None and self.grpc_port == self.port and self.port != 0:
             raise ValueError(f"grpc_port {self.grpc_port} is also the HTTP port; give gRPC a port of its own")
         return self
+
+    def model_budget_bytes(self, replicas_on_node: int | None = None) -> int:
+        """One replica's model-memory budget: ``replica_memory_bytes``, or its share of the node's memory."""
+        if self.replica_memory_bytes is not None:
+            return self.replica_memory_bytes
+        return replica_budget_bytes(fraction=self.replica_memory_fraction,
+                                    replicas_on_node=replicas_on_node or self.num_replicas)
 
     def resolved_state_uri(self) -> str:
         """``state_uri``, or the default: one file per (app name, port, model repository, models file)."""

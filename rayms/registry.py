@@ -168,7 +168,7 @@ class ModelRegistry:
         source = Source.parse(source)
         check_storage(self._settings, spec.storage_uri)
         self._check_owner(name, source, force)
-        budget = self._settings.replica_memory_bytes
+        budget = self._settings.model_budget_bytes()
         if spec.memory_bytes > budget:
             raise MemoryUnavailable(
                 f"model {name}: declared memory {spec.memory} ({spec.memory_bytes} bytes) exceeds the "

@@ -126,9 +126,15 @@ async def _start_host(settings: Settings) -> tuple[ModelHost, RegistryView]:
     view = RegistryView(RegistryHandle(registry).watch)
     host = ModelHost(settings, view=view, artifacts=NodeArtifacts(settings), reporter=RegistryReporterHandle(registry),
                      replica_id=context.replica_id.unique_id, node_id=ray.get_runtime_context().get_node_id(),
-                     telemetry=Metrics(), announce=report_model_ids)
+                     replicas_on_node=_replicas_per_node(settings), telemetry=Metrics(), announce=report_model_ids)
     await host.start()
     return host, view
+
+
+def _replicas_per_node(settings: Settings) -> int:
+    """How many model replicas share this node's memory, if Serve spreads them evenly over the live nodes."""
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    return max(1, -(-settings.num_replicas // max(1, nodes)))
 
 
 class _ReplicaCalls:
