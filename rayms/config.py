@@ -12,16 +12,14 @@ import hashlib
 import os
 import json
 import re
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from rayms.errors import InvalidSpec
-
-FRAMEWORKS = ("sklearn", "xgboost", "lightgbm", "onnx")
+from rayms import framework_table
+from rayms.errors import InvalidSpec, UnsupportedFramework
 
 # Kubernetes resource quantities (apimachinery's resource.Quantity), the subset that means bytes.
 _QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTPE]i?|[kmu]|e[0-9]+)?\s*$")
@@ -60,13 +58,6 @@ def validate_model_name(name: str) -> str:
     return name
 
 
-class Framework(str, Enum):
-    sklearn = "sklearn"
-    xgboost = "xgboost"
-    lightgbm = "lightgbm"
-    onnx = "onnx"
-
-
 class ModelSpec(BaseModel):
     """What to serve: KServe's TrainedModel ``spec.model`` (``storageUri``, ``framework``, ``memory``).
 
@@ -84,12 +75,8 @@ class ModelSpec(BaseModel):
     @field_validator("framework", mode="before")
     @classmethod
     def _known_framework(cls, value: Any) -> str:
-        text = str(value.value if isinstance(value, Enum) else value).strip().lower()
-        aliases = {"scikit-learn": "sklearn", "lgbm": "lightgbm"}
-        text = aliases.get(text, text)
-        if text not in FRAMEWORKS:
-            raise ValueError(f"framework {value!r} is not supported; use one of {', '.join(FRAMEWORKS)}")
-        return text
+        # UnsupportedFramework is not a ValueError: pydantic lets it through, and parse() keeps its type.
+        return framework_table.canonical(value)
 
     @field_validator("memory", mode="before")
     @classmethod
@@ -127,6 +114,8 @@ class ModelSpec(BaseModel):
             )
             prefix = f"model {name}: " if name else ""
             raise InvalidSpec(f"{prefix}invalid model spec: {problems}") from exc
+        except UnsupportedFramework as exc:
+            raise UnsupportedFramework(exc.args[0], exc.args[1], name) from exc
         except InvalidSpec as exc:
             prefix = f"model {name}: " if name else ""
             raise InvalidSpec(f"{prefix}{exc}") from exc

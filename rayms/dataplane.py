@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol
 
+from rayms import framework_table
 from rayms.codecs import InferRequest, InferResult
 from rayms.config import ModelSpec, Settings, validate_model_name
 from rayms.errors import (
@@ -201,5 +202,5 @@ def _config_spec(name: str, config: Any) -> Any:
 
 
 def _platform(framework: str) -> str:
-    return {"onnx": "onnx_onnxv1"}.get(framework, f"{framework}_{framework}")
+    return framework_table.platform(framework)
 

@@ -85,6 +85,20 @@ class InvalidSpec(RaymsError):
     status_code = 400
 
 
+class UnsupportedFramework(InvalidSpec):
+    """A spec names a framework rayms does not serve. Its own class so the Kubernetes bridge can report it
+    under the ``FrameworkSupported`` condition."""
+
+    def __init__(self, framework: object, supported: tuple[str, ...] = (), model: str = "") -> None:
+        super().__init__(framework, tuple(supported), model)
+
+    def __str__(self) -> str:
+        framework, supported, model = self.args
+        text = f"model {model}: " if model else ""
+        text += f"framework {framework!r} is not supported"
+        return f"{text}; use one of {', '.join(supported)}" if supported else text
+
+
 class MemoryUnavailable(RaymsError):
     """The model declares more memory than one replica's model-memory budget."""
 

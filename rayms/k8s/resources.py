@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from rayms.config import FRAMEWORKS, ModelSpec, validate_model_name
-from rayms.errors import InvalidSpec
+from rayms.config import ModelSpec, validate_model_name
+from rayms.errors import InvalidSpec, UnsupportedFramework
 
 RAYMS_GROUP = "serving.rayms.io"
 KSERVE_GROUP = "serving.kserve.io"
@@ -58,12 +58,10 @@ def parse(obj: dict[str, Any]) -> Parsed:
         validate_model_name(name)
     except InvalidSpec as exc:
         return Parsed(**common, spec=None, problem=str(exc), problem_condition="ModelLoaded")
-    framework = str(model.get("framework") or "").lower()
-    if framework and framework not in FRAMEWORKS and framework not in ("scikit-learn", "lgbm"):
-        return Parsed(**common, spec=None,
-                      problem=f"framework {framework!r} is not supported; use one of {', '.join(FRAMEWORKS)}")
     try:
         spec = ModelSpec.parse(model, name=name)
+    except UnsupportedFramework as exc:
+        return Parsed(**common, spec=None, problem=str(exc))
     except InvalidSpec as exc:
         condition = "MemoryResourceAvailable" if "memory" in str(exc) else "FrameworkSupported"
         if "storageUri" in str(exc) or "storage_uri" in str(exc):
