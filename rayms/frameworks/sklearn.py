@@ -23,7 +23,7 @@ import numpy as np
 
 from rayms.errors import ModelLoadError
 from rayms.frameworks import (
-    guarded, library_message, outputs_for, require, stack_inputs, tensor_info,
+    default_outputs, guarded, library_message, outputs_for, require, stack_inputs, tensor_info,
 )
 
 logger = logging.getLogger(__name__)
@@ -49,12 +49,13 @@ class SklearnRuntime:
     def __init__(self, path: Path, model: Any, defaults: Mapping[str, Any]) -> None:
         self.path, self.model, self.defaults = path, model, dict(defaults)
         self.outputs = ("predict", "predict_proba") if hasattr(model, "predict_proba") else ("predict",)
+        self.default = default_outputs(self.defaults, self.outputs, ("predict",))
         self._size = path.stat().st_size
 
     def predict(self, inputs: Sequence[np.ndarray], parameters: Mapping[str, Any] | None = None, *,
                 requested: Sequence[str] | None = None,
                 input_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        names = outputs_for(self.defaults, parameters, requested, self.outputs)
+        names = outputs_for(self.defaults, parameters, requested, self.outputs, self.default)
         matrix = stack_inputs(inputs)
         return guarded(
             self.framework,
