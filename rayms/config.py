@@ -173,6 +173,11 @@ class Settings(BaseSettings):
     """Per-node folder holding downloaded artifacts, keyed by spec. Each node's agent resolves it: ``~`` and
     ``$VARS`` take that node's home and environment."""
 
+    allow_custom_code: bool = False
+    """Let ``framework: custom`` models run: their class is user code, imported and run inside the replicas
+    (from an installed package or a ``.py`` file beside the artifact). Off by default; a custom model
+    then ends FAILED saying so. (Unpickling a scikit-learn model runs code too: serve only trusted ones.)"""
+
     pvc_root: str = "/mnt/pvc"
     """Where ``pvc://<claim>/<path>`` is mounted: ``<pvc_root>/<claim>/<path>``."""
 

@@ -199,7 +199,8 @@ class ModelReplica:
             raise _unwrap(exc) from None
         self._registry.report.remote(name, version, "LOADING")
         try:
-            runtime = await asyncio.to_thread(frameworks.load_runtime, spec.framework, Path(path), parameters)
+            runtime = await asyncio.to_thread(frameworks.load_runtime, spec.framework, Path(path), parameters,
+                                              allow_code=self._settings.allow_custom_code)
         except Exception:
             self._metrics.count_load(name, ok=False)
             raise
