@@ -64,11 +64,17 @@ class Registry:
         if first_start:
             # Seed from the models file / repository folder only once: afterwards the persisted desired
             # set is the truth, so a model unloaded by a user does not come back on restart.
-            for name, spec, source in _seed_models(self._settings):
+            seeds, problems = _seed_models(self._settings)
+            for name, spec, source in seeds:
                 try:
                     await self._registry.register(name, spec, source)
                 except RaymsError as exc:
                     logger.error("model %s: not registered from %s: %s", name, source, exc)
+            for name, reason in problems.items():  # one bad folder never stops the others: it shows as FAILED
+                try:
+                    await self._registry.register_failed(name, reason, "repository-folder")
+                except RaymsError as exc:
+                    logger.error("model %s: %s (and it cannot be listed: %s)", name, reason, exc)
         self._pruner = asyncio.get_running_loop().create_task(self._prune_dead_replicas())
 
     async def _prune_dead_replicas(self) -> None:
@@ -151,13 +157,16 @@ class KubernetesBridge:
         self._bridge.close()
 
 
-def _seed_models(settings: Settings) -> list[tuple[str, ModelSpec, str]]:
+def _seed_models(settings: Settings) -> tuple[list[tuple[str, ModelSpec, str]], dict[str, str]]:
+    """The models to register at first start, and the repository's models that cannot be (name -> reason)."""
     seeds: list[tuple[str, ModelSpec, str]] = []
+    problems: dict[str, str] = {}
     if settings.model_repository:
-        seeds += [(n, s, "repository-folder") for n, s in scan_repository(settings.model_repository).items()]
+        specs, problems = scan_repository(settings.model_repository)
+        seeds += [(n, s, "repository-folder") for n, s in specs.items()]
     if settings.models_file:
         seeds += [(n, s, "models-file") for n, s in read_models_file(settings.models_file).items()]
-    return seeds
+    return seeds, problems
 
 
 # Serve's own per-replica request limit, set far above anything reached: the replica's data plane applies

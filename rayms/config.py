@@ -63,6 +63,8 @@ class ModelSpec(BaseModel):
 
     ``memory`` is kept as the user wrote it; ``memory_bytes`` is the parsed value (0 when undeclared).
     ``parameters`` are model-level defaults for predict options (e.g. ``{"predict_proba": true}``).
+    ``version`` is the version the model had where it came from (MLServer's ``parameters.version``, a
+    Triton version folder): requests may name it, and answers carry it.
     """
 
     model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
@@ -71,6 +73,7 @@ class ModelSpec(BaseModel):
     framework: str
     memory: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
+    version: str | None = Field(default=None, min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
     @field_validator("framework", mode="before")
     @classmethod

@@ -79,7 +79,7 @@ class DataPlane:
                 # Just started and not yet told what exists: "unknown" would be a lie, so ask to retry.
                 raise Overloaded(f"model {name}: this replica has not heard from the model registry yet; retry shortly")
             raise ModelNotFound(name)
-        if model_version is not None and model_version != status["version"]:
+        if model_version is not None and model_version not in (status["version"], _declared(status)):
             raise ModelNotFound(name, model_version)
         return status
 
@@ -96,7 +96,7 @@ class DataPlane:
             metadata = await self._backend.metadata(name)
         return {
             "name": name,
-            "versions": [status["version"]],
+            "versions": [_declared(status) or status["version"]],
             "platform": _platform(status["framework"]),
             "inputs": metadata.get("inputs", []),
             "outputs": metadata.get("outputs", []),
@@ -116,7 +116,8 @@ class DataPlane:
         with naming_model(name):
             result = await self._backend.infer(name, request)
         # The replica's word, not the view's: the view names a new version as soon as it is registered.
-        return result.model_version or status["version"], result
+        answered = result.model_version or status["version"]
+        return (_declared(status) or answered) if answered == status["version"] else answered, result
 
     # ---------------------------------------------------------------- repository
     def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
@@ -199,6 +200,11 @@ def _config_spec(name: str, config: Any) -> Any:
         raise InvalidSpec(f"model {name}: parameters.config must be a JSON object with storageUri and framework "
                           "(a TrainedModel's spec.model); Triton model configurations are not supported")
     return value
+
+
+def _declared(status: dict[str, Any]) -> str | None:
+    """The version a model had where it came from (MLServer's, a Triton folder's): clients may name it."""
+    return (status.get("spec") or {}).get("version")
 
 
 def _platform(framework: str) -> str:

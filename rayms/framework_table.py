@@ -52,9 +52,9 @@ def extensions(framework: str) -> tuple[str, ...]:
 
 
 def platform(framework: str) -> str:
-    """V2 ``platform`` of a framework name; an unknown one is reported as ``<name>_<name>``."""
+    """V2 ``platform`` of a framework name; an unknown one is reported as ``<name>_<name>``, none as ``""``."""
     known = FRAMEWORKS.get(str(framework))
-    return known.platform if known else f"{framework}_{framework}"
+    return known.platform if known else (f"{framework}_{framework}" if framework else "")
 
 
 def by_extension(suffix: str) -> list[str]:

@@ -52,7 +52,7 @@ class Placer(Protocol):
 @dataclass
 class ModelRecord:
     name: str
-    spec: ModelSpec
+    spec: ModelSpec | None  # None: a model that could not become a spec (see register_failed)
     source: str
     version: int = 1
     state: ModelState = ModelState.PENDING
@@ -72,10 +72,10 @@ class ModelRecord:
             "state": self.state.value,
             "reason": self.reason,
             "source": self.source,
-            "framework": self.spec.framework,
-            "storageUri": self.spec.storage_uri,
-            "spec": self.spec.to_wire(),
-            "declaredMemory": self.spec.memory_bytes,
+            "framework": self.spec.framework if self.spec else "",
+            "storageUri": self.spec.storage_uri if self.spec else "",
+            "spec": self.spec.to_wire() if self.spec else {},
+            "declaredMemory": self.spec.memory_bytes if self.spec else 0,
             "measuredMemory": self.measured_bytes,
             "loadTimeS": self.load_time_s,
             "replicas": sorted(self.replicas),
@@ -140,6 +140,20 @@ class ModelRegistry:
         await self._persist()
         return record.status()
 
+    async def register_failed(self, name: str, reason: str, source: str) -> dict[str, Any]:
+        """Show a model that cannot even be described (a repository folder without a model file, an unknown
+        MLServer runtime) as FAILED with ``reason``. Never loaded nor persisted: the next scan finds it
+        again. A model registered under that name is left alone."""
+        validate_model_name(name)
+        if name in self._records:
+            return self._records[name].status()
+        record = ModelRecord(name=name, spec=None, source=source, state=ModelState.FAILED, reason=reason)
+        self._records[name] = record
+        self._tombstones.pop(name, None)
+        self._touch(record)
+        await self._notify()
+        return record.status()
+
     def _put(self, name: str, spec: ModelSpec, source: str, version: int = 1) -> ModelRecord:
         current = self._records.get(name)
         if current is None:
@@ -177,7 +191,8 @@ class ModelRegistry:
         self._wake_waiters(name)  # a load waiting on it learns that it is gone
         await self._persist()
         try:
-            await self._placer.unload(name, record.spec)
+            if record.spec is not None:
+                await self._placer.unload(name, record.spec)
         except Exception as exc:  # the model is gone from the desired set whatever a replica says
             logger.warning("model %s: unload on replicas reported: %s", name, exc)
         await self._notify()
@@ -366,7 +381,7 @@ class ModelRegistry:
             # and a restored model restarting at 1 would look older than what they hold.
             entries = [
                 {"modelName": r.name, "modelSpec": r.spec.to_wire(), "source": r.source, "version": r.version}
-                for r in self._records.values()
+                for r in self._records.values() if r.spec is not None
             ]
             await asyncio.to_thread(self._store.write, entries)
             self._flushed = snapshot_at

@@ -127,6 +127,8 @@ def framework_from_extension(path: Path | str) -> str:
         files = [p for p in files if p.suffix.lower() != ".json" or sniff_booster(p) == "xgboost"]
     if not files and (inner := _only_subfolder(path)) is not None:
         return framework_from_extension(inner)
+    if not files:
+        raise InvalidSpec(f"no model file in {path} (looked for {', '.join(every)})")
     if len(files) != 1:
         raise InvalidSpec(f"cannot tell the framework of {path}: it holds {len(files)} model files "
                           f"({', '.join(p.name for p in files)}); name the framework explicitly")
