@@ -188,3 +188,13 @@ def test_framework_table_and_unsupported_framework():
     assert "'tensorflow' is not supported; use one of sklearn, xgboost" in str(again)
     with pytest.raises(UnsupportedFramework, match="not supported"):
         load_runtime("pytorch", "/nowhere")
+
+
+def test_the_bridge_tells_an_unsupported_framework_by_its_type():
+    """The condition comes from the error's class, not its words (this name mentions memory)."""
+    from rayms.k8s.resources import parse
+
+    parsed = parse({"metadata": {"name": "m", "namespace": "default"}, "spec": {
+        "inferenceService": "rayms", "model": {"storageUri": "/m", "framework": "in-memory-store", "memory": "1Gi"}}})
+    assert parsed.spec is None and parsed.problem_condition == "FrameworkSupported"
+    assert "framework 'in-memory-store' is not supported" in parsed.problem
