@@ -99,26 +99,43 @@ def mlserver_estimator(path):
     return estimator
 
 
+def as_mlserver_sends(array: np.ndarray) -> np.ndarray:
+    """MLServer's NumpyCodec gives a 1-D output a trailing dimension: ``[N]`` goes out as ``[N, 1]``."""
+    return array.reshape(-1, 1) if array.ndim == 1 else array
+
+
 @pytest.mark.parametrize("task", [*XGBOOST_CLASSIFIERS, "regression"])
 @pytest.mark.parametrize("save", ["booster", "sklearn"])
 def test_xgboost_answer_as_mlserver_is_the_wrappers_predict(tmp_path, task, save):
     path, _ = mf.make_xgboost(tmp_path, task=task, save=save)
     runtime = load_runtime("xgboost", tmp_path, parameters={"answer_as": "mlserver"})
-    want = mlserver_estimator(path).predict(X)
+    want = as_mlserver_sends(mlserver_estimator(path).predict(X))
     got = runtime.predict([X])["predict"]
-    assert got.tolist() == want.tolist() and got.shape == want.shape
+    assert got.tolist() == want.tolist() and got.shape == want.shape and got.dtype == want.dtype
+    assert runtime.output_metadata()[0]["shape"] == [-1, want.shape[1]]
     if save == "sklearn" and task != "regression":  # the one case where MLServer and KServe differ
         assert np.issubdtype(got.dtype, np.integer) and runtime.output_metadata()[0]["datatype"] == "INT64"
         if task != "softmax":  # softmax's Booster.predict is the class index already (as a float)
-            assert not np.array_equal(got, booster_answer("xgboost", path))
+            assert not np.array_equal(got.ravel(), booster_answer("xgboost", path).ravel())
     else:
-        assert got.tolist() == booster_answer("xgboost", path).tolist()
+        assert got.tolist() == as_mlserver_sends(booster_answer("xgboost", path)).tolist()
 
 
-def test_lightgbm_answer_as_mlserver_is_booster_predict_too(tmp_path):
-    path, _ = mf.make_lightgbm(tmp_path / "m", ext=".bst")
+@pytest.mark.parametrize("task", ["multiclass", "binary", "regression"])
+def test_lightgbm_answer_as_mlserver_is_booster_predict_too(tmp_path, task):
+    path, _ = mf.make_lightgbm(tmp_path / "m", ext=".bst", task=task)
     runtime = load_runtime("lightgbm", path, parameters={"answer_as": "mlserver"})
-    assert runtime.predict([X])["predict"].tolist() == booster_answer("lightgbm", path).tolist()
+    got, want = runtime.predict([X])["predict"], as_mlserver_sends(booster_answer("lightgbm", path))
+    assert got.tolist() == want.tolist() and got.shape == want.shape
+
+
+def test_sklearn_answer_as_mlserver_keeps_predict_in_mlservers_shape(tmp_path):
+    _, expected = mf.make_sklearn(tmp_path, kind="rf")
+    runtime = load_runtime("sklearn", tmp_path, parameters={"answer_as": "mlserver"})
+    got = runtime.predict([X], requested=["predict", "predict_proba"])
+    assert got["predict"].tolist() == as_mlserver_sends(expected(X)).tolist()
+    assert got["predict_proba"].shape == (len(X), 3)
+    assert [m["shape"] for m in runtime.output_metadata()] == [[-1, 1], [-1, 3]]
 
 
 # ------------------------------------------------------------------------------------------ parameters

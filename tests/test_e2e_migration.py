@@ -170,12 +170,14 @@ def test_the_mlserver_repository_answers_as_mlserver_did(repository_app):
                                else f"/v2/models/{name}/infer", json=v2_body(digits))
         assert response.status_code == 200, response.text
         [output] = response.json()["outputs"]
-        assert output["name"] == "predict"
+        # MLServer's codec sends one value per row as [N, 1], with the estimator's datatype.
+        assert output["name"] == "predict" and output["shape"] == [len(digits), 1], output
+        assert output["datatype"] == {np.dtype("int64"): "INT64", np.dtype("float32"): "FP32"}[want.dtype]
         same(output["data"], want)
         if name != "xgb-classifier":
             assert response.json()["model_version"] == "v0.1.0"
     v1 = server.post("/v1/models/mnist-svm:predict", json={"instances": digits.tolist()})
-    assert v1.json() == {"predictions": expected["mnist-svm"](digits).tolist()}
+    assert v1.json() == {"predictions": expected["mnist-svm"](digits).reshape(-1, 1).tolist()}
 
 
 def test_the_triton_repository_answers_tritonclient_as_triton_did(repository_app):

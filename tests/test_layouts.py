@@ -54,9 +54,9 @@ def test_mlserver_multi_model_repository_as_documented(tmp_path):
     assert (sk.framework, sk.version, Path(sk.storage_uri).name) == ("sklearn", "v0.1.0", "model.joblib")
     assert sk.parameters == {"answer_as": "mlserver"}
     assert specs["mushroom-xgboost"].framework == "xgboost"
-    for name, spec in specs.items():
+    for name, spec in specs.items():  # MLServer sends one value per row as [N, 1]
         runtime = load_runtime(spec.framework, spec.storage_uri, spec.parameters)
-        assert runtime.predict([X])["predict"].tolist() == expected[name](X).tolist(), name
+        assert runtime.predict([X])["predict"].tolist() == expected[name](X).reshape(-1, 1).tolist(), name
 
 
 def test_mlserver_single_model_folder_with_uri_and_options(tmp_path):

@@ -195,7 +195,8 @@ def parse_parameters(defaults: Mapping[str, Any], parameters: Mapping[str, Any],
     * ``default_outputs``: the output names a request that names none gets, or ``"all"`` for every output
       under the model's own names (set for models from a Triton repository).
     * ``answer_as``: ``kserve`` (default) or ``mlserver``, whose server's answers to copy where the two
-      differ (set for models from an MLServer repository; see the XGBoost runtime)."""
+      differ (set for models from an MLServer repository): MLServer's shapes (:func:`shaped_for`) and its
+      XGBoost runtime's ``predict`` (see that runtime)."""
     merged = dict(defaults)
     known = MODEL_PARAMETERS if strict else REQUEST_PARAMETERS
     for key, value in parameters.items():
@@ -270,6 +271,21 @@ def outputs_for(defaults: Mapping[str, Any], parameters: Mapping[str, Any] | Non
     """The outputs one predict call computes: the request's parameters over the model's, then the choice."""
     options = parse_parameters(defaults, parameters or {})
     return choose_outputs(requested, options.get("predict_proba", False), available, default)
+
+
+def shaped_for(defaults: Mapping[str, Any], outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs in the shapes the copied server answered: MLServer's codec gives a 1-D output a trailing
+    dimension (``[N]`` is sent as ``[N, 1]``), so ``answer_as: mlserver`` does too."""
+    if defaults.get("answer_as") != "mlserver":
+        return outputs
+    return {name: value.reshape(-1, 1) if value.ndim == 1 else value for name, value in outputs.items()}
+
+
+def metadata_for(defaults: Mapping[str, Any], outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Output metadata with the shapes :func:`shaped_for` answers in."""
+    if defaults.get("answer_as") != "mlserver":
+        return outputs
+    return [meta | {"shape": [*meta["shape"], 1]} if len(meta["shape"]) == 1 else meta for meta in outputs]
 
 
 def stack_inputs(inputs: Sequence[np.ndarray]) -> np.ndarray:

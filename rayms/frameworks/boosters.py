@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from rayms.frameworks import as_dtype, default_outputs, guarded, outputs_for, stack_inputs, tensor_info
+from rayms.frameworks import (
+    as_dtype, default_outputs, guarded, metadata_for, outputs_for, shaped_for, stack_inputs, tensor_info,
+)
 
 CLASS_OUTPUTS = ("predict", "predict_proba", "label")
 
@@ -53,7 +55,7 @@ class BoosterRuntime:
                 input_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = outputs_for(self.defaults, parameters, requested, self.outputs, self.default)
         matrix = as_dtype(stack_inputs(inputs), self.dtype)
-        return guarded(self.framework, lambda: self._run(matrix, names), self.input_errors)
+        return shaped_for(self.defaults, guarded(self.framework, lambda: self._run(matrix, names), self.input_errors))
 
     def _run(self, matrix: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
@@ -81,7 +83,7 @@ class BoosterRuntime:
         if self.kind != "regression":
             meta += [tensor_info("predict_proba", self.dtype, [-1, self.num_class]),
                      tensor_info("label", np.int64, [-1])]
-        return meta
+        return metadata_for(self.defaults, meta)
 
     def size_bytes(self) -> int:
         """The artifact's size on disk (close to the loaded trees; an upper bound for text formats)."""

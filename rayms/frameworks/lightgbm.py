@@ -13,6 +13,8 @@ It exists to keep lightgbm out of every other module. Decisions:
   not leak into serving) and, like ``Booster.predict``, stops at the best iteration when the model has one.
 * ``predict_proba`` (``[1-p, p]`` for binary) and ``label`` for the classifier objectives come from the
   same probabilities.
+* ``answer_as: mlserver`` (models from an MLServer repository) changes only the shape of 1-D outputs:
+  ``[N, 1]``, as MLServer's codec sends them.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ It exists to keep xgboost out of every other module. Decisions:
   runtime did: it loads the file into ``XGBRegressor``, or ``XGBClassifier`` when the file says it was
   saved by one, and answers that estimator's ``predict``. That is ``Booster.predict`` too, except for a
   model saved by ``XGBClassifier.save_model``, where it is the class label. The wrappers stop at the best
-  iteration of an early-stopped model, so in this mode every output does.
+  iteration of an early-stopped model, so in this mode every output does; and a 1-D output is ``[N, 1]``,
+  as MLServer's codec sends it.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class XGBoostRuntime(BoosterRuntime):
     def output_metadata(self) -> list[dict[str, Any]]:
         meta = super().output_metadata()
         if self.estimator is not None and self.kind != "regression" and _estimator_type(self.estimator) == "classifier":
-            meta[0] = tensor_info("predict", np.int64, [-1])
+            meta[0] = tensor_info("predict", np.int64, [-1, 1])  # the wrapper's class labels, as MLServer sends them
         return meta
 
 
