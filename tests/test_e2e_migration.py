@@ -53,10 +53,17 @@ def boosters(rayms_server, tmp_path_factory):
 
 
 def test_boosters_answer_booster_predict_over_v1_and_v2(rayms_server, boosters):
+    from kserve.utils.utils import get_predict_input, get_predict_response
+
     for name, expected in boosters.items():
         want = np.asarray(expected(ROWS))  # Booster.predict in this process
-        v1 = rayms_server.post(f"/v1/models/{name}:predict", json={"instances": ROWS.tolist()})
+        payload = {"instances": ROWS.tolist()}
+        # KServe's V1 answer, built by KServe's own request and response helpers around Booster.predict.
+        kserve = get_predict_response(payload, expected(get_predict_input(payload)), name)
+        v1 = rayms_server.post(f"/v1/models/{name}:predict", json=payload)
         assert v1.status_code == 200, v1.text
+        assert np.shape(v1.json()["predictions"]) == np.shape(kserve["predictions"]), name
+        same(v1.json()["predictions"], np.asarray(kserve["predictions"], dtype=want.dtype))
         same(v1.json()["predictions"], want)
         v2 = rayms_server.post(f"/v2/models/{name}/infer", json=v2_body(ROWS))
         assert v2.status_code == 200, v2.text
