@@ -38,9 +38,15 @@ def _visible(path: Path) -> bool:
 
 
 def _settings_files(folder: Path) -> list[Path]:
-    """Every ``model-settings.json`` in ``folder`` and below it (hidden folders skipped)."""
-    found = []
+    """Every ``model-settings.json`` in ``folder`` and below it (hidden folders skipped; symlinked folders
+    followed, as mounted volumes use them, each real folder once)."""
+    found, seen = [], set()
     for parent, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen:  # a link back up the tree
+            folders[:] = []
+            continue
+        seen.add(real)
         folders[:] = sorted(f for f in folders if _visible(Path(f)))
         if MODEL_SETTINGS in files:
             found.append(Path(parent) / MODEL_SETTINGS)

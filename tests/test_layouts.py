@@ -311,3 +311,13 @@ async def test_clients_may_name_the_version_the_model_had_before(tmp_path):
         assert (await http.post("/v2/models/mnist-svm/versions/v0.2.0/infer", json=body)).status_code == 404
         assert (await http.get("/v2/models/mnist-svm/versions/v0.1.0/ready")).status_code == 200
         assert (await http.get("/v2/models/mnist-svm")).json()["versions"] == ["v0.1.0"]
+
+
+def test_symlinked_folders_are_followed_once(tmp_path):
+    mf.make_sklearn(tmp_path / "real" / "m")
+    write_json(tmp_path / "real" / "m" / "model-settings.json", {"name": "m", "implementation": "mlserver_sklearn.SKLearnModel"})
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "linked").symlink_to(tmp_path / "real")
+    (tmp_path / "real" / "loop").symlink_to(tmp_path / "real")  # a cycle must not hang the scan
+    specs, problems = scan_repository(str(tmp_path / "repo"))
+    assert list(specs) == ["m"] and problems == {}
