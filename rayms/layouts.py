@@ -122,7 +122,7 @@ def mlserver_spec(settings_file: Path) -> tuple[str, ModelSpec]:
     implementation = settings.get("implementation")
     if not implementation:
         raise InvalidSpec(f"{MODEL_SETTINGS} names no implementation (the MLServer runtime to use)")
-    if implementation not in MLSERVER_RUNTIMES:
+    if not isinstance(implementation, str) or implementation not in MLSERVER_RUNTIMES:
         known = ", ".join(k for k in MLSERVER_RUNTIMES if k.count(".") == 1)
         raise InvalidSpec(f"the MLServer runtime {implementation!r} is not one rayms serves; it serves {known} "
                           "(and its own custom models: framework custom)")

@@ -83,7 +83,8 @@ def _mlserver_models(files: list[Path], specs: dict[str, ModelSpec], problems: P
             logger.info("model %s: %d versions in the repository; serving %s, the one MLServer serves by default",
                         name, len(found), spec.version or "the unversioned one")
         specs[name] = spec
-        problems.pop(name, None)  # a good version of the model serves; a broken one of its versions is logged
+        if name in problems:  # a good version of the model serves; a broken one of its versions is only logged
+            logger.warning("model %s: a version is not served: %s", name, problems.pop(name))
 
 
 def scan_repository(root: str) -> tuple[dict[str, ModelSpec], Problems]:
