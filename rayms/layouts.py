@@ -64,10 +64,19 @@ TRITON_ONNX = {"platform": "onnxruntime_onnx", "backend": "onnxruntime"}
 
 
 # ------------------------------------------------------------------------------------------ MLServer
+MAX_CONFIG_BYTES = 1 << 20  # a model-settings.json or config.pbtxt is a few hundred bytes
+
+
+def _read_text(path: Path) -> str:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise InvalidSpec(f"{path.name} is larger than {MAX_CONFIG_BYTES} bytes: not a configuration file")
+    return path.read_text()
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        value = json.loads(_read_text(path))
+    except (OSError, ValueError, RecursionError) as exc:
         raise InvalidSpec(f"{path.name} cannot be read: {exc}") from exc
     if not isinstance(value, dict):
         raise InvalidSpec(f"{path.name} must hold a JSON object, not {type(value).__name__}")
@@ -77,8 +86,8 @@ def read_json_object(path: Path) -> dict[str, Any]:
 def mlserver_name(settings_file: Path) -> str:
     """The name MLServer gives the model of ``settings_file``, read without judging the rest."""
     try:
-        name = json.loads(settings_file.read_text()).get("name")
-    except (OSError, ValueError, AttributeError):
+        name = json.loads(_read_text(settings_file)).get("name")
+    except (OSError, ValueError, AttributeError, RecursionError, InvalidSpec):
         name = None
     return name if isinstance(name, str) and name else settings_file.parent.name
 
@@ -161,57 +170,63 @@ def newest(specs: list[ModelSpec]) -> ModelSpec:
 # ------------------------------------------------------------------------------------------ Triton
 def _versions(config: pbtxt.Message, on_disk: list[int]) -> list[int]:
     """The versions (ascending) the config's version policy selects among those on disk."""
-    policy = pbtxt.single(config, "version_policy") or {"latest": [{}]}
+    policy = pbtxt.single(config, "version_policy", {"latest": [{}]}, kind=dict)
     if "all" in policy:
         return on_disk
     if "specific" in policy:
-        wanted = pbtxt.single(policy, "specific").get("versions", [])
-        if not wanted or not all(isinstance(v, int) for v in wanted):
+        wanted = pbtxt.single(policy, "specific", kind=dict).get("versions", [])
+        if not wanted or not all(isinstance(v, int) and not isinstance(v, bool) for v in wanted):
             raise InvalidSpec(f"{TRITON_CONFIG}: version_policy specific needs integer versions, got {wanted!r}")
         return [v for v in on_disk if v in wanted]
-    count = pbtxt.single(pbtxt.single(policy, "latest") or {}, "num_versions", 1)
-    if not isinstance(count, int) or count < 1:
+    count = pbtxt.single(pbtxt.single(policy, "latest", {}, kind=dict), "num_versions", 1, kind=int)
+    if count < 1:
         raise InvalidSpec(f"{TRITON_CONFIG}: version_policy latest num_versions must be at least 1, got {count!r}")
     return on_disk[-count:]
 
 
 def _triton_batching(config: pbtxt.Message) -> dict[str, Any]:
-    size = pbtxt.single(config, "max_batch_size", 0)
-    dynamic = pbtxt.single(config, "dynamic_batching")
-    if dynamic is None or not isinstance(size, int) or size <= 1:
+    size = pbtxt.single(config, "max_batch_size", 0, kind=int)
+    dynamic = pbtxt.single(config, "dynamic_batching", kind=dict)
+    if dynamic is None or size <= 1:
         return {}
-    delay_us = pbtxt.single(dynamic, "max_queue_delay_microseconds", 0)
-    return {"max_batch_size": size, "max_batch_latency_ms": min(delay_us / 1000, MAX_BATCH_LATENCY_MS)}
+    delay_us = pbtxt.single(dynamic, "max_queue_delay_microseconds", 0, kind=int)
+    return {"max_batch_size": size, "max_batch_latency_ms": min(max(delay_us, 0) / 1000, MAX_BATCH_LATENCY_MS)}
 
 
 def triton_spec(folder: Path) -> ModelSpec:
     """The spec of the Triton model in ``folder`` (holding ``config.pbtxt``): its served version's file."""
     try:
-        config = pbtxt.parse((folder / TRITON_CONFIG).read_text())
-    except OSError as exc:
+        config = pbtxt.parse(_read_text(folder / TRITON_CONFIG))
+        return _triton_spec(folder, config)
+    except (OSError, UnicodeDecodeError) as exc:
         raise InvalidSpec(f"{TRITON_CONFIG} cannot be read: {exc}") from exc
     except pbtxt.PbtxtError as exc:
         raise InvalidSpec(f"{TRITON_CONFIG}: {exc}") from exc
-    declared = pbtxt.single(config, "name")
+
+
+def _triton_spec(folder: Path, config: pbtxt.Message) -> ModelSpec:
+    declared = pbtxt.single(config, "name", kind=str)
     if declared not in (None, "", folder.name):
         raise InvalidSpec(f"{TRITON_CONFIG} names the model {declared!r}, but its folder is {folder.name!r} "
                           "(Triton requires them to match)")
     for field, onnx in TRITON_ONNX.items():
-        value = pbtxt.single(config, field)
+        value = pbtxt.single(config, field, kind=str)
         if value not in (None, "", onnx):
             raise InvalidSpec(f"Triton {field} {value!r} is not one rayms serves; it serves ONNX models "
                               f"({', '.join(f'{k} {v!r}' for k, v in TRITON_ONNX.items())})")
-    on_disk = {int(p.name): p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()}
+    on_disk = {int(p.name): p for p in folder.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit()}
     selected = _versions(config, sorted(on_disk))
     if not selected:
         raise InvalidSpec(f"no version folder the version policy selects (found: {sorted(on_disk) or 'none'})")
     version = selected[-1]
-    filename = pbtxt.single(config, "default_model_filename") or "model.onnx"
+    filename = pbtxt.single(config, "default_model_filename", kind=str) or "model.onnx"
+    if Path(filename).name != filename or filename in (".", ".."):
+        raise InvalidSpec(f"{TRITON_CONFIG}: default_model_filename must be a file name, got {filename!r}")
     artifact = on_disk[version] / filename
     if not artifact.is_file():
         raise InvalidSpec(f"version {version} has no {filename}")
-    outputs = [pbtxt.single(o, "name") for o in config.get("output", [])]
-    if not all(isinstance(n, str) and n for n in outputs):
+    outputs = [pbtxt.single(o, "name", kind=str) for o in pbtxt.messages(config, "output")]
+    if not all(outputs):
         raise InvalidSpec(f"{TRITON_CONFIG}: every output needs a name")
     options = {"default_outputs": outputs or "all", **_triton_batching(config)}
     return ModelSpec.parse({"storageUri": str(artifact), "framework": "onnx", "parameters": options,

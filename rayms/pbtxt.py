@@ -13,7 +13,8 @@ parses the text format without a schema instead, and the caller picks the fields
 
 Every field maps to a list of its values (a schema would say which fields repeat; without one, each may),
 so ``message["input"]`` is every ``input`` block and :func:`single` reads a singular field. Unknown fields are
-kept, never an error; text this grammar cannot read is :class:`PbtxtError` naming the line.
+kept, never an error; text this grammar cannot read, or messages nested deeper than 64, are
+:class:`PbtxtError` naming the line.
 """
 
 from __future__ import annotations
@@ -58,10 +59,14 @@ def _tokens(text: str) -> list[tuple[str, str, int]]:
     return tokens
 
 
+MAX_DEPTH = 64  # nested messages; deeper text is refused rather than exhausting the stack
+
+
 class _Parser:
     def __init__(self, text: str) -> None:
         self.tokens = _tokens(text)
         self.at = 0
+        self.depth = 0
 
     def peek(self) -> tuple[str, str, int] | None:
         return self.tokens[self.at] if self.at < len(self.tokens) else None
@@ -98,11 +103,18 @@ class _Parser:
         kind, text, line = token
         if text in _CLOSE:
             self.take()
-            return [self.message(_CLOSE[text])]
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise PbtxtError(f"line {line}: messages nested deeper than {MAX_DEPTH}")
+            message = self.message(_CLOSE[text])
+            self.depth -= 1
+            return [message]
         if text == "[":
             self.take()
             items: list[Any] = []
             while self.peek() is not None and self.peek()[1] != "]":
+                if self.peek()[1] == "[":
+                    raise PbtxtError(f"line {self.peek()[2]}: a list cannot hold a list")
                 items.extend(self.value(line))
             self.take("]")
             return items
@@ -124,7 +136,26 @@ def parse(text: str) -> Message:
     return _Parser(text).message(None)
 
 
-def single(message: Message, field: str, default: Any = None) -> Any:
-    """The value of a singular ``field`` (the last one written, should it appear twice), or ``default``."""
+_KINDS = {dict: "a message", str: "a string", int: "an integer", float: "a number"}
+
+
+def single(message: Message, field: str, default: Any = None, kind: type | None = None) -> Any:
+    """The value of a singular ``field`` (the last one written, should it appear twice), or ``default``.
+    With ``kind`` (``dict`` for a message, ``str``, ``int``, ``float``) another type is :class:`PbtxtError`."""
     values = message.get(field) or []
-    return values[-1] if values else default
+    if not values:
+        return default
+    value = values[-1]
+    if kind is not None:
+        accepted = (int, float) if kind is float else kind
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise PbtxtError(f"{field} must be {_KINDS.get(kind, kind.__name__)}, got {value!r}")
+    return value
+
+
+def messages(message: Message, field: str) -> list[Message]:
+    """Every value of a repeated message ``field``; another type is :class:`PbtxtError`."""
+    values = message.get(field) or []
+    if not all(isinstance(v, dict) for v in values):
+        raise PbtxtError(f"{field} must hold messages, got {values!r}")
+    return values

@@ -73,7 +73,7 @@ def _mlserver_models(files: list[Path], specs: dict[str, ModelSpec], problems: P
     for settings_file in files:
         try:
             name, spec = mlserver_spec(settings_file)
-        except RaymsError as exc:
+        except (RaymsError, OSError) as exc:
             problems.setdefault(mlserver_name(settings_file), f"{settings_file}: {exc}")
             continue
         versions.setdefault(name, []).append(spec)
@@ -103,7 +103,7 @@ def scan_repository(root: str) -> tuple[dict[str, ModelSpec], Problems]:
             continue
         try:
             specs[validate_model_name(folder.name)] = _folder_spec(folder)
-        except RaymsError as exc:
+        except (RaymsError, OSError) as exc:  # OSError: a folder this process may not read
             problems[folder.name] = str(exc)
     for name, reason in problems.items():
         logger.error("model %s: not served from %s: %s", name, base, reason)

@@ -321,3 +321,29 @@ def test_symlinked_folders_are_followed_once(tmp_path):
     (tmp_path / "real" / "loop").symlink_to(tmp_path / "real")  # a cycle must not hang the scan
     specs, problems = scan_repository(str(tmp_path / "repo"))
     assert list(specs) == ["m"] and problems == {}
+
+
+def test_hostile_configuration_files_are_problems_not_crashes(tmp_path):
+    configs = {
+        "deep": "a { " * 5000 + "}" * 5000,
+        "binary": b"\xff\xfe\x00garbage",
+        "policy-text": 'version_policy: "newest"',
+        "escape": 'default_model_filename: "../../secrets.onnx"',
+        "outputs-text": 'output: "label"',
+    }
+    for name, config in configs.items():
+        mf.make_onnx(tmp_path / name / "1")
+        target = tmp_path / name / "config.pbtxt"
+        target.write_bytes(config) if isinstance(config, bytes) else target.write_text(config)
+    (tmp_path / "huge").mkdir()
+    (tmp_path / "huge" / "model-settings.json").write_text(" " * (2 << 20) + "{}")
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "nested" / "model-settings.json").write_text("[" * 100_000 + "]" * 100_000)
+    specs, problems = scan_repository(str(tmp_path))
+    assert specs == {} and sorted(problems) == sorted([*configs, "huge", "nested"])
+    assert "nested deeper than 64" in problems["deep"]
+    assert "cannot be read" in problems["binary"]
+    assert "version_policy must be a message" in problems["policy-text"]
+    assert "default_model_filename must be a file name" in problems["escape"]
+    assert "output must hold messages" in problems["outputs-text"]
+    assert "larger than" in problems["huge"] and "cannot be read" in problems["nested"]
