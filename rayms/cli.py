@@ -18,6 +18,8 @@ from typing import Any
 
 import requests
 
+from rayms import framework_table
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -228,7 +230,7 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("action", choices=["list", "load", "unload"])
     models.add_argument("name", nargs="?")
     models.add_argument("--storage-uri", help="artifact location (omit to load NAME from the server's repository)")
-    models.add_argument("--framework", help="sklearn, xgboost, lightgbm or onnx")
+    models.add_argument("--framework", help=f"one of {', '.join(framework_table.NAMES)}")
     models.add_argument("--memory", help="declared memory, e.g. 256Mi")
     models.add_argument("--max-batch-size", type=int, help="let this model batch waiting requests, up to N rows")
     models.add_argument("--json", action="store_true", help="print raw JSON")

@@ -14,17 +14,15 @@ import hashlib
 import os
 import json
 import re
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rayms import framework_table
 from rayms.errors import InvalidMemory, InvalidSpec, UnsupportedFramework
 from rayms.memory import replica_budget_bytes
-
-FRAMEWORKS = ("sklearn", "xgboost", "lightgbm", "onnx")
 
 # Kubernetes resource quantities (apimachinery's resource.Quantity), the subset that means bytes.
 _QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTPE]i?|[kmu]|e[0-9]+)?\s*$")
@@ -68,6 +66,8 @@ class ModelSpec(BaseModel):
 
     ``memory`` is kept as the user wrote it; ``memory_bytes`` is the parsed value (0 when undeclared).
     ``parameters`` are model-level defaults for predict options (e.g. ``{"predict_proba": true}``).
+    ``version`` is the version the model had where it came from (MLServer's ``parameters.version``, a
+    Triton version folder): requests may name it, and answers carry it.
     """
 
     model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
@@ -76,16 +76,13 @@ class ModelSpec(BaseModel):
     framework: str
     memory: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
+    version: str | None = Field(default=None, min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
     @field_validator("framework", mode="before")
     @classmethod
     def _known_framework(cls, value: Any) -> str:
-        text = str(value.value if isinstance(value, Enum) else value).strip().lower()
-        aliases = {"scikit-learn": "sklearn", "lgbm": "lightgbm"}
-        text = aliases.get(text, text)
-        if text not in FRAMEWORKS:
-            raise ValueError(f"framework {value!r} is not supported; use one of {', '.join(FRAMEWORKS)}")
-        return text
+        # UnsupportedFramework is not a ValueError: pydantic lets it through, and parse() keeps its type.
+        return framework_table.canonical(value)
 
     @field_validator("memory", mode="before")
     @classmethod
@@ -128,8 +125,10 @@ class ModelSpec(BaseModel):
             )
             # The field that failed decides the kind of error (and so a TrainedModel's condition).
             fields = {str(err["loc"][0]) for err in errors if err["loc"]}
-            kind = UnsupportedFramework if "framework" in fields else InvalidMemory if "memory" in fields else InvalidSpec
+            kind = InvalidMemory if "memory" in fields else InvalidSpec
             raise kind(f"{prefix}invalid model spec: {problems}") from exc
+        except UnsupportedFramework as exc:
+            raise UnsupportedFramework(exc.args[0], exc.args[1], name) from exc
         except InvalidSpec as exc:
             raise type(exc)(f"{prefix}{exc}") from exc
 
@@ -196,6 +195,11 @@ class Settings(BaseSettings):
     cache_dir: str = str(Path.home() / ".cache" / "rayms")
     """Per-node folder holding downloaded artifacts, keyed by spec. Each node's agent resolves it: ``~`` and
     ``$VARS`` take that node's home and environment."""
+
+    allow_custom_code: bool = False
+    """Let ``framework: custom`` models run: their class is user code, imported and run inside the replicas
+    (from an installed package or a ``.py`` file beside the artifact). Off by default; a custom model
+    then ends FAILED saying so. (Unpickling a scikit-learn model runs code too: serve only trusted ones.)"""
 
     pvc_root: str = "/mnt/pvc"
     """Where ``pvc://<claim>/<path>`` is mounted: ``<pvc_root>/<claim>/<path>``."""

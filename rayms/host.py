@@ -213,7 +213,8 @@ class ModelHost:
         self._reporter.loading(name, version)
         before = process_rss_bytes()
         try:
-            runtime = await asyncio.to_thread(frameworks.load_runtime, spec.framework, Path(path), parameters)
+            runtime = await asyncio.to_thread(frameworks.load_runtime, spec.framework, Path(path), parameters,
+                                              allow_code=self._settings.allow_custom_code)
         except Exception:
             self._telemetry.count_load(name, ok=False)
             raise

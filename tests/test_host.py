@@ -238,8 +238,8 @@ async def test_a_hanging_model_times_out_is_quarantined_and_others_keep_serving(
     root, made = models
     hanging = Hanging()
     real = frameworks.load_runtime
-    monkeypatch.setattr(frameworks, "load_runtime", lambda fw, path, params=None: hanging
-                        if "rf" in str(path) else real(fw, path, params))
+    monkeypatch.setattr(frameworks, "load_runtime", lambda fw, path, params=None, **kw: hanging
+                        if "rf" in str(path) else real(fw, path, params, **kw))
     feed = Feed()
     await feed.put(status("stuck", str(root / "rf")))
     await feed.put(status("fine", str(root / "logreg")))

@@ -42,7 +42,8 @@ from packaging.utils import canonicalize_name
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from rayms.config import FRAMEWORKS, ModelSpec, Settings
+from rayms.config import ModelSpec, Settings
+from rayms.framework_table import NAMES
 from rayms.k8s import TrainedModelBridge
 from rayms.k8s.client import SERVICE_ACCOUNT_NAMESPACE
 from rayms.k8s.resources import parse
@@ -55,6 +56,7 @@ from tests.support import DirectRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "kuberay"
+FRAMEWORKS = [name for name in NAMES if name != "custom"]  # a custom model runs user code: no example of it
 KSERVE_CRD_REFERENCE = ROOT.parent / "shared" / "reference" / "kserve-trainedmodel-crd.yaml"
 KUBERNETES_VERSION = "1.30"
 BUILTIN_KINDS = {"ServiceAccount", "Role", "RoleBinding", "CustomResourceDefinition", "NetworkPolicy"}
