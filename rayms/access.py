@@ -62,7 +62,9 @@ def route_kind(method: str, path: str) -> str:
 
 def _token(value, path: str | None) -> str | None:
     if value is not None:
-        return value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
+        token = value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
+        if token.strip():  # an empty token is no token (RAYMS_CONTROL_TOKEN= turns it off)
+            return token.strip()
     if path:
         try:
             token = Path(path).expanduser().read_text().strip()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Callable
 
 from rayms.ports import free_port
@@ -393,3 +395,28 @@ def write_tree(root: Path, files: dict[str, bytes]) -> Path:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
     return root
+
+
+@contextlib.contextmanager
+def rayms_serve(args: list[str], *, log: Path, env: dict[str, str] | None = None,
+                timeout_s: float = 240.0) -> Iterator[subprocess.Popen]:
+    """``rayms serve ARGS`` as a user starts it (its own Ray, HAProxy in front), until it says it is serving;
+    stopped with Ctrl-C (SIGINT) afterwards, and killed with its process group if that does not end it."""
+    env = {**os.environ, **(env or {})}
+    env.pop("RAY_ADDRESS", None)
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "rayms.cli", "serve", *args], stdout=out,
+                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_until(lambda: "is serving" in log.read_text() or process.poll() is not None, timeout_s=timeout_s,
+                   what="rayms serve to start")
+        assert process.poll() is None, log.read_text()[-3000:]
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()

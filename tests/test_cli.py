@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ import requests
 
 from tests.conftest import free_port, wait_for
 from tests.model_factory import make_data, make_lightgbm, make_sklearn, make_xgboost
+from tests.servers import rayms_serve
 
 RAYMS = [sys.executable, "-m", "rayms.cli"]
 
@@ -34,26 +34,11 @@ def served(tmp_path_factory):
     extra, _ = make_sklearn(tmp_path_factory.mktemp("extra") / "m", kind="rf")
     port = free_port()
     log = tmp_path_factory.mktemp("log") / "serve.log"
-    env = {**os.environ, "RAYMS_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
-    env.pop("RAY_ADDRESS", None)
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [*RAYMS, "serve", "--model-repository", str(repo), "--port", str(port), "--replicas", "2"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: "is serving" in log.read_text() or process.poll() is not None, timeout_s=240,
-                 what="rayms serve to start")
-        assert process.poll() is None, log.read_text()[-3000:]
-        yield {"url": url, "expected": expected, "process": process, "log": log, "extra": extra, "env": env}
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    env = {"RAYMS_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+    args = ["--model-repository", str(repo), "--port", str(port), "--replicas", "2"]
+    with rayms_serve(args, log=log, env=env) as process:
+        yield {"url": f"http://127.0.0.1:{port}", "expected": expected, "process": process, "log": log,
+               "extra": extra, "env": {**os.environ, **env}}
 
 
 def cli(served, *args: str) -> subprocess.CompletedProcess:

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import requests
 
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port
 from tests.model_factory import make_data, make_sklearn
+from tests.servers import rayms_serve
 
 pytestmark = pytest.mark.e2e  # starts `rayms serve`, with its own Ray
 
@@ -31,28 +31,13 @@ def exposed(tmp_path_factory):
     token_file = root / "token"
     token_file.write_text(TOKEN)
     port = free_port()
-    env = {**os.environ, "RAYMS_CACHE_DIR": str(root / "cache"), "RAYMS_TRUST_LOOPBACK": "false"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAYMS_CONTROL_TOKEN", None)
+    env = {"RAYMS_CACHE_DIR": str(root / "cache"), "RAYMS_TRUST_LOOPBACK": "false", "RAYMS_CONTROL_TOKEN": ""}
     log = root / "serve.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [*RAYMS, "serve", "--model-repository", str(root / "repo"), "--port", str(port), "--replicas", "1",
-             "--control-token-file", str(token_file), "--allow-storage", str(root / "allowed")],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_for(lambda: "is serving" in log.read_text() or process.poll() is not None, timeout_s=240,
-                 what="rayms serve to start")
-        assert process.poll() is None, log.read_text()[-3000:]
-        yield {"url": f"http://127.0.0.1:{port}", "allowed": allowed, "outside": outside, "env": env,
-               "token_file": token_file, "log": log}
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    args = ["--model-repository", str(root / "repo"), "--port", str(port), "--replicas", "1",
+            "--control-token-file", str(token_file), "--allow-storage", str(root / "allowed")]
+    with rayms_serve(args, log=log, env=env):
+        yield {"url": f"http://127.0.0.1:{port}", "allowed": allowed, "outside": outside,
+               "env": {**os.environ, **env}, "token_file": token_file, "log": log}
 
 
 def auth(token=TOKEN):

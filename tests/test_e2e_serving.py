@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import wait_for
 from tests.model_factory import make_data, make_lightgbm, make_sklearn, make_xgboost
 from tests.support import v2_body
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -25,7 +23,8 @@ from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc import service_pb2_grpc as triton_pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port
+from tests.servers import rayms_serve
 from tests.model_factory import make_data, make_sklearn, make_xgboost
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,28 +37,11 @@ def served(tmp_path_factory):
     extra_path, extra_expected = make_sklearn(tmp_path_factory.mktemp("extra") / "m", kind="rf")
     port, grpc_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("log") / "serve.log"
-    env = {**os.environ, "RAYMS_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
-    env.pop("RAY_ADDRESS", None)
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "rayms.cli", "serve", "--model-repository", str(repo), "--port", str(port),
-             "--grpc-port", str(grpc_port), "--replicas", "2"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_for(lambda: "is serving" in log.read_text() or process.poll() is not None, timeout_s=240,
-                 what="rayms serve to start")
-        assert process.poll() is None, log.read_text()[-3000:]
+    args = ["--model-repository", str(repo), "--port", str(port), "--grpc-port", str(grpc_port), "--replicas", "2"]
+    with rayms_serve(args, log=log, env={"RAYMS_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}):
         assert f"gRPC on 127.0.0.1:{grpc_port}" in log.read_text()
         yield {"target": f"127.0.0.1:{grpc_port}", "expected": expected, "extra": (extra_path, extra_expected),
                "repo": repo}
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
 
 
 @pytest.fixture

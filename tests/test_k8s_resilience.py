@@ -21,7 +21,6 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from rayms.config import Settings
-from rayms.errors import MemoryUnavailable
 from rayms.k8s import TrainedModelBridge, connect
 from rayms.k8s.client import KEEPALIVE_IDLE_S
 from rayms.k8s.retry import Backoff, retry_after_s, retryable

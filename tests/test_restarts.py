@@ -8,43 +8,22 @@ model with its reason while the others serve.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from contextlib import contextmanager
 
 import pytest
 import requests
 
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port
 from tests.model_factory import make_sklearn
+from tests.servers import rayms_serve
 
 pytestmark = pytest.mark.e2e  # starts `rayms serve`, with its own Ray
 
-RAYMS = [sys.executable, "-m", "rayms.cli"]
-
-
 @contextmanager
 def serving(repo, *, port, cache, log):
-    env = {**os.environ, "RAYMS_CACHE_DIR": str(cache)}
-    env.pop("RAY_ADDRESS", None)
-    with log.open("w") as out:
-        process = subprocess.Popen([*RAYMS, "serve", "--model-repository", str(repo), "--port", str(port),
-                                    "--replicas", "1"], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
-    try:
-        wait_for(lambda: "is serving" in log.read_text() or process.poll() is not None, timeout_s=240,
-                 what="rayms serve to start")
-        assert process.poll() is None, log.read_text()[-3000:]
+    with rayms_serve(["--model-repository", str(repo), "--port", str(port), "--replicas", "1"], log=log,
+                     env={"RAYMS_CACHE_DIR": str(cache)}):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def index(url) -> dict[str, dict]:
