@@ -8,9 +8,11 @@ registry, so validation happens in one place.
 
 from __future__ import annotations
 
+import decimal
 import hashlib
 import os
 import json
+import math
 import re
 from enum import Enum
 from pathlib import Path
@@ -23,31 +25,62 @@ from rayms.errors import InvalidSpec
 
 FRAMEWORKS = ("sklearn", "xgboost", "lightgbm", "onnx")
 
-# Kubernetes resource quantities (apimachinery's resource.Quantity), the subset that means bytes.
-_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTPE]i?|[kmu]|e[0-9]+)?\s*$")
+# Kubernetes resource quantities (apimachinery's resource.Quantity), the subset that means bytes. Matched
+# against stripped text of at most MAX_QUANTITY_CHARS characters, and no two neighbouring parts of the pattern
+# can take the same characters, so a match is linear in the length of the text.
+_QUANTITY = re.compile(r"([0-9]+(?:\.[0-9]+)?)[ \t]*([KMGTPE]i?|[kmu]|e[0-9]+)?")
 _SUFFIX = {
     None: 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60, "m": 1e-3, "u": 1e-6,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "m": decimal.Decimal("1e-3"), "u": decimal.Decimal("1e-6"),
 }
+MAX_QUANTITY_CHARS = 64
+"""Longest memory quantity accepted, in characters (``1.5Gi`` has five)."""
+MAX_QUANTITY_BYTES = 2**63 - 1
+"""Largest memory quantity accepted (8 EiB): Kubernetes holds quantities in an int64."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,252}$")
 
 
 def parse_quantity(value: str | int | float) -> int:
-    """Return the number of bytes in a Kubernetes quantity such as ``256Mi``, ``1G`` or ``1e6``."""
+    """Return the number of bytes in a Kubernetes quantity such as ``256Mi``, ``1G`` or ``1e6``.
+
+    The work is bounded whatever the input: text longer than :data:`MAX_QUANTITY_CHARS` is refused, the
+    arithmetic is decimal with a capped exponent (``1e999999999`` never builds ``10**999999999``), and values
+    above :data:`MAX_QUANTITY_BYTES` are refused. Fractions of a byte are dropped.
+    """
     if isinstance(value, bool):
         raise InvalidSpec(f"memory {value!r} is not a Kubernetes quantity")
     if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidSpec(f"memory {value!r} is not a finite number")
         if value < 0:
             raise InvalidSpec(f"memory {value!r} is negative")
-        return int(value)
-    match = _QUANTITY.match(str(value))
+        return _at_most_max(decimal.Decimal(value), shown=repr(value))
+    text = str(value).strip()
+    if len(text) > MAX_QUANTITY_CHARS:
+        raise InvalidSpec(f"memory {text[:20]!r}... is not a Kubernetes quantity: it is {len(text)} characters "
+                          f"long, more than {MAX_QUANTITY_CHARS}")
+    match = _QUANTITY.fullmatch(text)
     if not match:
-        raise InvalidSpec(f"memory {value!r} is not a Kubernetes quantity (e.g. 256Mi, 1G)")
+        raise InvalidSpec(f"memory {text!r} is not a Kubernetes quantity (e.g. 256Mi, 1G)")
     number, suffix = match.groups()
-    if suffix and suffix.startswith("e"):
-        return int(float(number) * 10 ** int(suffix[1:]))
-    return int(float(number) * _SUFFIX[suffix])
+    with decimal.localcontext(prec=4 * MAX_QUANTITY_CHARS):  # exact for every text that fits the length cap
+        amount = decimal.Decimal(number)
+        if suffix and suffix.startswith("e"):
+            # A mantissa of at most MAX_QUANTITY_CHARS digits is zero or at least 10**-MAX_QUANTITY_CHARS, so
+            # any exponent above 2 * MAX_QUANTITY_CHARS already means more than MAX_QUANTITY_BYTES.
+            amount = amount.scaleb(min(int(suffix[1:]), 2 * MAX_QUANTITY_CHARS))
+        else:
+            amount = amount * _SUFFIX[suffix]
+    return _at_most_max(amount, shown=repr(text))
+
+
+def _at_most_max(amount: decimal.Decimal, *, shown: str) -> int:
+    if amount > MAX_QUANTITY_BYTES:
+        raise InvalidSpec(f"memory {shown} is more than the largest quantity accepted, {MAX_QUANTITY_BYTES} "
+                          "bytes (8 EiB)")
+    return int(amount)
 
 
 def validate_model_name(name: str) -> str:
