@@ -40,6 +40,7 @@ MAX_QUANTITY_BYTES = 2**63 - 1
 """Largest memory quantity accepted (8 EiB): Kubernetes holds quantities in an int64."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,252}$")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def parse_quantity(value: str | int | float) -> int:
@@ -113,6 +114,8 @@ class ModelSpec(BaseModel):
     framework: str
     memory: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
+    sha256: str | None = None
+    """Hex SHA-256 of the file the URI names (an archive as packed), checked after download, before use."""
 
     @field_validator("framework", mode="before")
     @classmethod
@@ -132,13 +135,25 @@ class ModelSpec(BaseModel):
         parse_quantity(value)
         return str(value)
 
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _hex_sha256(cls, value: Any) -> str | None:
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str) or not _SHA256.fullmatch(value):
+            raise ValueError(f"must be 64 hexadecimal digits, got {str(value)[:80]!r}")
+        return value.lower()
+
     @property
     def memory_bytes(self) -> int:
         return parse_quantity(self.memory) if self.memory else 0
 
     def digest(self) -> str:
-        """A short stable key for the artifact: same URI and framework, same cache entry."""
-        raw = json.dumps({"uri": self.storage_uri, "framework": self.framework}, sort_keys=True)
+        """A short stable key for the artifact: same URI, framework and sha256, same cache entry."""
+        key = {"uri": self.storage_uri, "framework": self.framework}
+        if self.sha256:  # only when given, so entries of specs without one keep their keys
+            key["sha256"] = self.sha256
+        raw = json.dumps(key, sort_keys=True)
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
     def to_wire(self) -> dict[str, Any]:
@@ -242,6 +257,27 @@ class Settings(BaseSettings):
 
     load_timeout_s: float = Field(default=600.0, gt=0)
     """Time a replica has to fetch and load a model before the model is FAILED."""
+
+    max_download_bytes: PositiveInt = 4 * 2**30
+    """Largest artifact one download may bring (all objects of a folder together); refused before reading
+    when the server announces more, and stopped while reading otherwise."""
+
+    max_unpacked_bytes: PositiveInt = 8 * 2**30
+    """Most bytes one archive may unpack to; checked before each member is written and while writing."""
+
+    max_archive_members: PositiveInt = 10_000
+    """Most files and folders one archive may hold."""
+
+    max_archive_ratio: PositiveInt = 200
+    """Largest unpacked-to-packed size ratio of an archive (archives under 1 MiB count as 1 MiB)."""
+
+    artifact_cache_bytes: PositiveInt = 20 * 2**30
+    """Disk quota of each node's artifact cache (``<cache_dir>/artifacts``): above it, the entries fetched
+    least recently are removed, never one being downloaded or read by a load."""
+
+    allow_private_http: bool = False
+    """Let http(s) downloads connect to private, link-local and other non-public addresses (loopback is
+    allowed anyway when ``host`` is loopback)."""
 
     max_request_bytes: PositiveInt = 64 * 2**20
     """Largest request body accepted (413 beyond)."""

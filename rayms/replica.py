@@ -203,6 +203,9 @@ class ModelReplica:
         except Exception:
             self._metrics.count_load(name, ok=False)
             raise
+        finally:  # the artifact has been read: the node's cache may remove it once replaced or over quota
+            if self._agent is not None:
+                self._agent.release.remote(name, spec)
         self._metrics.count_load(name, ok=True, seconds=time.perf_counter() - started)
         logger.info("model %s: version %d loaded on replica %s", name, version, self._replica_id)
         return runtime, frameworks.measure_size(runtime)
