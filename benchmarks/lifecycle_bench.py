@@ -18,6 +18,8 @@ longer than the benchmark); to rayms each is its own model: its own download, lo
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import argparse
 import asyncio
 import json
@@ -185,7 +187,8 @@ def run(mode: str, *, files: CountingFileServer, manifest: dict, count: int, wor
         done.set()
         rows = server.post("/v2/repository/index", json={}).json()
         # When the last model turned READY, by the registry's own clock (same machine): its last state change.
-        record["all_ready_s"] = round(max(row["updatedAt"] for row in rows) - started_wall, 2)
+        last = max(datetime.fromisoformat(row["updatedAt"]).timestamp() for row in rows)
+        record["all_ready_s"] = round(last - started_wall, 2)
         load_times = sorted(row["loadTimeS"] or 0.0 for row in rows)
         record["registry_load_time_s"] = {"p50": load_times[len(load_times) // 2], "max": load_times[-1]}
         record["states_at_end"] = dict(Counter(row["state"] for row in rows))

@@ -4,8 +4,9 @@ What KServe's agent got wrong is the list of what this does: its puller had no g
 retried a failed download, reported nothing, and its success marker could be written next to a half-finished
 model. Here downloads are capped (``max_concurrent_downloads``), deduplicated (concurrent fetches of one spec
 share one download), retried with jittered exponential backoff on transient errors only, bounded per attempt
-(``download_timeout_s``), and published through ``on_event`` so the registry can show
-downloading/downloaded/failed per model.
+(``download_timeout_s``), and published through ``on_event`` (downloading/downloaded/failed per model; on a
+cluster they become Prometheus metrics, :mod:`rayms.cluster.agent`). The registry shows a model as
+DOWNLOADING from the moment it asks a replica to load it until the replica reports LOADING.
 
 Cache layout, per node, keyed by :meth:`ModelSpec.digest` so a restarted agent or a second replica on the node
 reuses a finished download::
@@ -26,9 +27,10 @@ What stays in the cache, and for how long (the disk quota is ``artifact_cache_by
   not need its file (every framework reads it whole at load), so its entry may go; the replica fetches it
   again only if it ever reloads the model. The cache exceeds the quota only by entries in use.
 
-Plain asyncio with no Ray import: a Ray actor is this class under ``ray.remote``. Blocking fsspec work runs in
-threads (``asyncio.to_thread``); each download builds its own filesystem object, so none is shared. One agent
-per node keeps this bookkeeping; an entry being filled by another process (its lock is held) is never removed.
+Plain asyncio with no Ray import: the node's actor is this class under ``ray.remote``
+(:mod:`rayms.cluster.agent`). Blocking fsspec work runs in threads (``asyncio.to_thread``); each download
+builds its own filesystem object, so none is shared. One agent per node keeps this bookkeeping; an entry
+being filled by another process (its lock is held) is never removed.
 """
 
 from __future__ import annotations

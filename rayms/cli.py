@@ -19,34 +19,30 @@ import requests
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def _serve(args: argparse.Namespace) -> int:
+class UsageError(Exception):
+    """A flag's value cannot be used; ``rayms serve`` prints it and exits with 2 before starting anything."""
+
+
+def serve_settings(args: argparse.Namespace):
+    """The :class:`~rayms.config.Settings` of ``rayms serve``: each flag given overrides the environment
+    (``RAYMS_*``), a flag not given leaves it alone. Raises :class:`UsageError` for a bad value."""
     from pydantic import ValidationError
 
-    from rayms import local
     from rayms.config import Settings, parse_quantity
     from rayms.errors import InvalidSpec
 
-    overrides: dict[str, Any] = {"host": args.host, "port": args.port}
-    if args.replicas is not None:
-        overrides["num_replicas"] = args.replicas
-    if args.max_models_per_replica is not None:
-        overrides["max_models_per_replica"] = args.max_models_per_replica
+    flags = {"host": args.host, "port": args.port, "num_replicas": args.replicas,
+             "max_models_per_replica": args.max_models_per_replica, "max_batch_size": args.max_batch_size,
+             "model_repository": args.model_repository, "models_file": args.models_file, "state_uri": args.state_uri,
+             "cache_dir": args.cache_dir, "namespace": args.namespace, "inference_service": args.inference_service,
+             "kubeconfig": args.kubeconfig, "kubernetes": args.kubernetes or None,
+             "kserve_compat": args.kserve_compat or None}
+    overrides: dict[str, Any] = {field: value for field, value in flags.items() if value not in (None, "")}
     if args.replica_memory:
         try:
             overrides["replica_memory_bytes"] = parse_quantity(args.replica_memory)
         except InvalidSpec as exc:
-            print(f"rayms serve: --replica-memory: {exc}", file=sys.stderr)
-            return 2
-    if args.max_batch_size is not None:
-        overrides["max_batch_size"] = args.max_batch_size
-    for field in ("model_repository", "models_file", "state_uri", "cache_dir", "namespace",
-                  "inference_service", "kubeconfig"):
-        if getattr(args, field, None):
-            overrides[field] = getattr(args, field)
-    if args.kubernetes:
-        overrides["kubernetes"] = True
-    if args.kserve_compat:
-        overrides["kserve_compat"] = True
+            raise UsageError(f"--replica-memory: {exc}") from exc
     if args.demo:
         from rayms.demo import write_demo_models
 
@@ -54,10 +50,18 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["model_repository"] = str(demo_dir)
         overrides.setdefault("state_uri", str(demo_dir / ".rayms-state.json"))
     try:
-        settings = Settings(**overrides)
+        return Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        print(f"rayms serve: {problems}", file=sys.stderr)
+        raise UsageError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from rayms import local
+
+    try:
+        settings = serve_settings(args)
+    except UsageError as exc:
+        print(f"rayms serve: {exc}", file=sys.stderr)
         return 2
 
     print(f"starting rayms on http://{settings.host}:{settings.port} ...", flush=True)
@@ -173,8 +177,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo-dir", default=None, help="where --demo writes its models (default: a temp folder)")
     serve.add_argument("--model-repository", help="serve every sub-folder of this folder as a model")
     serve.add_argument("--models", dest="models_file", help="KServe models.json to register at start")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1, or RAYMS_HOST)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8000, or RAYMS_PORT)")
     serve.add_argument("--replicas", type=int, help="number of model replicas")
     serve.add_argument("--max-models-per-replica", type=int, help="models one replica keeps loaded")
     serve.add_argument("--replica-memory", help="model-memory budget per replica, e.g. 2Gi")

@@ -2,9 +2,9 @@
 
 Every inference request passes through here, so this module stays on the fast path: no pydantic, orjson for JSON,
 and binary tensors (OIP binary tensor data extension) mapped with ``np.frombuffer`` without copying. The value types
-are transport-neutral: the router decodes a body into an :class:`InferRequest`, a replica answers with an
-:class:`InferResult`, and the router encodes it with :func:`encode_v2_response`. :mod:`rayms.protocol` describes
-the same wire shapes as pydantic models for documentation and tests. Decisions clients can observe:
+are transport-neutral: the HTTP layer (:mod:`rayms.router`) decodes a body into an :class:`InferRequest`, the model
+host answers with an :class:`InferResult`, and the HTTP layer encodes it with :func:`encode_v2_response`.
+:mod:`rayms.protocol` describes the same wire shapes as pydantic models for documentation and tests. Decisions clients can observe:
 
 * BYTES elements are Python ``bytes`` in an object array whatever the transport (JSON strings are UTF-8 encoded;
   binary elements are a 4-byte little-endian length plus bytes). Outputs may hold bytes, str or other objects

@@ -1,7 +1,9 @@
 """Settings and the model spec: the two objects every part of rayms shares.
 
-``Settings`` is read once, in the composition root, from keyword arguments and ``RAYMS_*`` environment
-variables; nothing else reads the environment. ``ModelSpec`` is what a TrainedModel's ``spec.model``, a
+``Settings`` is built once, where rayms starts (``rayms serve``, :func:`rayms.build_app`, a Serve config),
+from keyword arguments over ``RAYMS_*`` environment variables, then handed to every deployment as plain values.
+(The storage layer also honours the storage libraries' own variables, e.g. ``AWS_ENDPOINT_URL``, and
+:mod:`rayms.ray_env` Ray's.) ``ModelSpec`` is what a TrainedModel's ``spec.model``, a
 ``models.json`` entry, a repository-API load body and a Python call all turn into before they reach the
 registry, so validation happens in one place.
 """
@@ -21,7 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from rayms.errors import InvalidSpec
+from rayms.errors import InvalidMemory, InvalidSpec, UnsupportedFramework
 
 FRAMEWORKS = ("sklearn", "xgboost", "lightgbm", "onnx")
 
@@ -94,13 +96,6 @@ def validate_model_name(name: str) -> str:
     return name
 
 
-class Framework(str, Enum):
-    sklearn = "sklearn"
-    xgboost = "xgboost"
-    lightgbm = "lightgbm"
-    onnx = "onnx"
-
-
 class ModelSpec(BaseModel):
     """What to serve: KServe's TrainedModel ``spec.model`` (``storageUri``, ``framework``, ``memory``).
 
@@ -132,7 +127,10 @@ class ModelSpec(BaseModel):
     def _valid_memory(cls, value: Any) -> str | None:
         if value is None or value == "":
             return None
-        parse_quantity(value)
+        try:
+            parse_quantity(value)
+        except InvalidSpec as exc:
+            raise InvalidMemory(str(exc)) from exc
         return str(value)
 
     @field_validator("sha256", mode="before")
@@ -166,18 +164,21 @@ class ModelSpec(BaseModel):
         """Validate a raw payload into a spec, raising :class:`InvalidSpec` with a readable message."""
         from pydantic import ValidationError
 
+        prefix = f"model {name}: " if name else ""
         try:
             return cls.model_validate(payload)
         except ValidationError as exc:
+            errors = exc.errors()
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg'].removeprefix('Value error, ')}"
-                for err in exc.errors()
+                for err in errors
             )
-            prefix = f"model {name}: " if name else ""
-            raise InvalidSpec(f"{prefix}invalid model spec: {problems}") from exc
+            # The field that failed decides the kind of error (and so a TrainedModel's condition).
+            fields = {str(err["loc"][0]) for err in errors if err["loc"]}
+            kind = UnsupportedFramework if "framework" in fields else InvalidMemory if "memory" in fields else InvalidSpec
+            raise kind(f"{prefix}invalid model spec: {problems}") from exc
         except InvalidSpec as exc:
-            prefix = f"model {name}: " if name else ""
-            raise InvalidSpec(f"{prefix}{exc}") from exc
+            raise type(exc)(f"{prefix}{exc}") from exc
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -225,8 +226,9 @@ class Settings(BaseSettings):
     """A KServe ``models.json`` (``[{"modelName", "modelSpec"}]``) registered at start."""
 
     state_uri: str | None = None
-    """Where the registry persists the desired set of models (local path or fsspec URI).
-    Default: ``<cache_dir>/<app_name>-models.json``."""
+    """Where the registry persists the desired set of models (local path or fsspec URI). Default: a file of
+    this instance's own under ``<cache_dir>/state/``, named after the app, its port and the repository and
+    models file it serves (:meth:`resolved_state_uri`), so two instances never share state by accident."""
 
     cache_dir: str = str(Path.home() / ".cache" / "rayms")
     """Per-node folder holding downloaded artifacts, keyed by spec. Each node's agent resolves it: ``~`` and
@@ -318,4 +320,9 @@ class Settings(BaseSettings):
     """Base URL inside the cluster (``status.address.url``); default: ``http://<inferenceService>-serve-svc.<ns>.svc.cluster.local:8000``."""
 
     def resolved_state_uri(self) -> str:
-        return self.state_uri or str(Path(self.cache_dir) / f"{self.app_name}-models.json")
+        """``state_uri``, or the default: one file per (app name, port, model repository, models file)."""
+        if self.state_uri:
+            return self.state_uri
+        sources = [str(Path(p).expanduser().resolve()) if p else "" for p in (self.model_repository, self.models_file)]
+        key = hashlib.sha256(json.dumps([self.app_name, self.port, *sources]).encode()).hexdigest()[:12]
+        return str(Path(self.cache_dir).expanduser() / "state" / f"{self.app_name}-{self.port}-{key}.json")

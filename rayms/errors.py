@@ -1,17 +1,18 @@
 """One error hierarchy for the whole server.
 
 Every failure a client can cause or observe is a :class:`RaymsError` that carries its HTTP status. The
-router turns any of them into ``{"error": "<message>"}`` with that status, so no handler formats errors
-itself. Errors travel between Ray processes (replica -> router, agent -> replica), so each class keeps its
+HTTP layer turns any of them into ``{"error": "<message>"}`` with that status, so no handler formats errors
+itself. Errors travel between Ray processes (replica -> registry, agent -> replica), so each class keeps its
 constructor arguments in ``args`` and formats its message in ``__str__``: that is what makes them survive
-pickling unchanged. Standard library only.
+pickling unchanged; :func:`rayms.cluster.remote.as_rayms_error` gives them back on the calling side.
+Standard library only.
 """
 
 from __future__ import annotations
 
 
 class RaymsError(Exception):
-    """Base class. ``status_code`` is the HTTP status the router answers with."""
+    """Base class. ``status_code`` is the HTTP status a client gets for it."""
 
     status_code = 500
 
@@ -85,10 +86,8 @@ class InvalidSpec(RaymsError):
     status_code = 400
 
 
-class MemoryUnavailable(RaymsError):
+class MemoryUnavailable(InvalidSpec):
     """The model declares more memory than one replica's model-memory budget."""
-
-    status_code = 400
 
 
 class StorageError(RaymsError):
@@ -117,3 +116,23 @@ class InferenceError(RaymsError):
     """The model raised while predicting."""
 
     status_code = 500
+
+
+class UnsupportedFramework(InvalidSpec):
+    """The spec names a framework rayms has no runtime for (a TrainedModel's ``FrameworkSupported``)."""
+
+
+class InvalidMemory(InvalidSpec):
+    """The spec's ``memory`` is not a byte quantity (a TrainedModel's ``MemoryResourceAvailable``)."""
+
+
+class LoadTimedOut(RaymsError):
+    """A load did not settle (READY or FAILED) within ``load_timeout_s``; it may still finish."""
+
+    status_code = 504
+
+
+class ModelLoadFailed(RaymsError):
+    """A repository load ended FAILED. The repository extension answers load failures with 400."""
+
+    status_code = 400

@@ -19,7 +19,8 @@ from typing import Any
 import ray
 from ray import serve
 
-from rayms.app import build_app
+from rayms.app import build_app, resolve_settings
+from rayms.cluster.agent import AGENT_NAMESPACE
 from rayms.config import Settings
 from rayms.ports import free_port
 from rayms.ray_env import HAPROXY_ROUTING, LOCAL_RAY_ENV
@@ -56,7 +57,7 @@ def haproxy_env(host: str = "127.0.0.1") -> dict[str, str]:
 
 def start(settings: Settings | None = None, *, num_cpus: int | None = None, **overrides: Any):
     """Start Ray (unless already connected) and Serve, deploy rayms, and return the app handle."""
-    settings = (settings or Settings()).model_copy(update=overrides)
+    settings = resolve_settings(settings, **overrides)
     env = dict(LOCAL_RAY_ENV)
     if settings.haproxy and settings.ingress == "replica" and not ray.is_initialized():
         env |= haproxy_env(settings.host)
@@ -139,8 +140,8 @@ def _running(pid: int) -> bool:
 def kill_agents(app_name: str) -> None:
     """Node agents are detached actors (they outlive replica restarts); remove them with the app."""
     for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] == "rayms" and entry["name"].startswith(f"{app_name}-agent-"):
+        if entry["namespace"] == AGENT_NAMESPACE and entry["name"].startswith(f"{app_name}-agent-"):
             try:
-                ray.kill(ray.get_actor(entry["name"], namespace="rayms"))
+                ray.kill(ray.get_actor(entry["name"], namespace=AGENT_NAMESPACE))
             except ValueError:  # gone meanwhile
                 pass

@@ -2,10 +2,12 @@
 
 Ray Serve's own multiplexing counts models and takes one lock per replica, so one slow load stalls every
 other load and a failed load still evicts a model. This cache locks per model, charges each model its
-declared memory (or its measured size when it declared none), evicts least-recently-used models until the
-new one fits, and keeps serving the old version of a model while a new version loads.
+declared memory (or its measured size when it declared none), and evicts least-recently-used models only once
+a load has succeeded: a load that fails evicts nothing. The price is that, while a model loads, the replica
+may hold up to that one model beyond its budget. It keeps serving the old version of a model while a new
+version loads.
 
-Plain asyncio; the replica deployment (:mod:`rayms.replica`) wires it to Ray.
+Plain asyncio; the model host (:mod:`rayms.host`) owns one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from rayms.config import ModelSpec
 from rayms.errors import MemoryUnavailable
+from rayms.status import ResidentModel
 
 logger = logging.getLogger("rayms.replica")
 
@@ -62,13 +65,13 @@ class ModelCache:
     def peek(self, name: str) -> LoadedModel | None:
         return self._models.get(name)
 
-    def resident(self) -> dict[str, dict[str, Any]]:
-        resident = {}
-        for n, m in self._models.items():
-            resident[n] = {"version": m.version, "charged_bytes": m.charged_bytes, "measured_bytes": m.measured_bytes}
-            if m.batcher:
-                resident[n] |= {"batches": m.batcher.batches, "batched_requests": m.batcher.batched_requests}
-        return resident
+    def resident(self) -> dict[str, ResidentModel]:
+        return {
+            n: ResidentModel(version=m.version, charged_bytes=m.charged_bytes, measured_bytes=m.measured_bytes,
+                             batches=m.batcher.batches if m.batcher else 0,
+                             batched_requests=m.batcher.batched_requests if m.batcher else 0)
+            for n, m in self._models.items()
+        }
 
     def names_loaded_or_loading(self) -> list[str]:
         return list(self._models.keys() | self._loading)
@@ -116,20 +119,17 @@ class ModelCache:
                     raise MemoryUnavailable(
                         f"model {name}: declared memory {declared} bytes exceeds this replica's "
                         f"model-memory budget of {self.budget_bytes} bytes")
-                # Make room for the declared size before loading, so memory never exceeds the budget.
-                evicted_before = self._evict_for(incoming=declared, keep=name)
-                if evicted_before:
-                    self._on_change([], evicted_before)
                 started = time.monotonic()
                 runtime, measured = await self._load_fn(name, spec, version)
                 charged = declared or measured
                 loaded = LoadedModel(
                     name=name, version=version, spec=spec, runtime=runtime, charged_bytes=charged,
                     measured_bytes=measured, load_time_s=time.monotonic() - started)
-                # Load the new version before dropping the old one: the swap is one dict assignment.
+                # Load the new version before dropping the old one: the swap is one dict assignment. Only now,
+                # with the load a success, make room for it.
                 self._models[name] = loaded
                 self._models.move_to_end(name)
-                evicted = self._evict_for(incoming=0, keep=name)
+                evicted = self._evict_for(keep=name)
                 self._on_change([name], evicted)
                 return loaded
         finally:
@@ -154,12 +154,10 @@ class ModelCache:
         task.add_done_callback(self._background.discard)
 
     # ---------------------------------------------------------------- dropping
-    def _evict_for(self, *, incoming: int, keep: str) -> list[str]:
+    def _evict_for(self, *, keep: str) -> list[str]:
+        """Drop least-recently-used models other than ``keep`` until count and memory are within limits."""
         evicted: list[str] = []
-        count_limit = self.max_models - (1 if keep not in self._models else 0)
-        while self._models and (
-            len(self._models) > count_limit or self.used_bytes + incoming > self.budget_bytes
-        ):
+        while self._models and (len(self._models) > self.max_models or self.used_bytes > self.budget_bytes):
             victim = next((n for n in self._models if n != keep), None)
             if victim is None:
                 break

@@ -2,10 +2,12 @@
 
 Why this exists: one readable, validated description of every JSON body that crosses the HTTP boundary, the
 Open Inference Protocol (KServe V2 / Triton HTTP) with its model repository extension, KServe V1, and rayms's
-additions to the repository index. Repository, metadata and health handlers, the OpenAPI docs and the tests use
-these types. The inference hot path does not: :mod:`rayms.codecs` decodes and encodes those bodies with orjson and
-numpy, because validating every tensor element through pydantic costs far more than the model call for small
-models.
+additions to the repository index. The metadata and repository routes build their answers from these types
+(:meth:`RepositoryIndexItem.from_status` is the wire form of :class:`rayms.status.ModelStatus`), and the
+OpenAPI docs show them. The inference hot path does not: :mod:`rayms.codecs` decodes and encodes those bodies
+with orjson and numpy, because validating every tensor element through pydantic costs far more than the model
+call for small models; the inference types here describe those bodies, and the tests check that what the codecs
+write validates against them.
 
 All types share :class:`WireModel`: unknown fields are kept (clients send extras such as ``model_name`` or ``id``,
 and the spec forbids nothing), and dumps leave out fields that are unset or None (Triton omits empty fields too).
@@ -15,9 +17,13 @@ The grammar quoted in each docstring is the one of the OIP prose spec (``inferen
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rayms.status import ModelState, ModelStatus, ReplicaReport, Source
 
 Parameters = dict[str, Any]
 """``$parameters = { $parameter, ... }`` with ``$parameter = $string : $string | $number | $boolean``."""
@@ -25,8 +31,12 @@ Parameters = dict[str, Any]
 TensorData = list[Any]
 """``$tensor_data = [ $element | $tensor_data, ... ]``: row-major, nested or flat."""
 
-REPOSITORY_STATES = ("UNKNOWN", "READY", "UNAVAILABLE", "LOADING", "UNLOADING")
-"""The ``state`` values of a repository index entry that tritonclient and MLServer know."""
+REPOSITORY_STATES = tuple(state.value for state in ModelState)
+"""The ``state`` values of a repository index entry: rayms's lifecycle states. Triton's own are UNKNOWN,
+READY, UNAVAILABLE, LOADING and UNLOADING; READY, LOADING and UNLOADING mean the same here, and clients that
+only test for READY (tritonclient's ``is_model_ready``, MLServer's) work unchanged."""
+
+SOURCES = tuple(source.value for source in Source)
 
 
 class WireModel(BaseModel):
@@ -164,9 +174,9 @@ class RepositoryIndexItem(WireModel):
     "state": $string, "reason": $string }, ... ]``.
 
     ``state`` is one of :data:`REPOSITORY_STATES`. rayms adds, all optional: ``framework``, ``storageUri``,
-    ``source`` (who registered the model, e.g. ``api``, ``kubernetes``, ``models_file``, ``repository``),
-    ``declaredMemory`` and ``measuredMemory`` (bytes), ``loadTimeS`` (seconds of the last load), ``replicas``
-    (identifiers of the replicas holding the model) and ``updatedAt`` (ISO 8601, UTC, of the last state change).
+    ``source`` (who registered the model, one of :data:`SOURCES`), ``declaredMemory`` and ``measuredMemory``
+    (bytes), ``loadTimeS`` (seconds of the last load), ``replicas`` (identifiers of the replicas holding the
+    model) and ``updatedAt`` (ISO 8601, UTC, of the last change).
     """
 
     name: str
@@ -181,6 +191,16 @@ class RepositoryIndexItem(WireModel):
     load_time_s: float | None = Field(default=None, alias="loadTimeS")
     replicas: list[str] | None = None
     updated_at: str | None = Field(default=None, alias="updatedAt")
+
+    @classmethod
+    def from_status(cls, status: ModelStatus) -> RepositoryIndexItem:
+        return cls(
+            name=status.name, version=str(status.version), state=status.state.value, reason=status.reason,
+            framework=status.framework, storage_uri=status.storage_uri, source=status.source.value,
+            declared_memory=status.declared_bytes, measured_memory=status.measured_bytes,
+            load_time_s=status.load_time_s, replicas=list(status.replicas),
+            updated_at=datetime.fromtimestamp(status.updated_at, timezone.utc).isoformat(timespec="milliseconds"),
+        )
 
 
 class RepositoryLoadRequest(WireModel):
@@ -224,3 +244,13 @@ class V1PredictResponse(WireModel):
     """``{ "predictions": [ <value>|<(nested)list>|<object>, ... ] }``."""
 
     predictions: list[Any]
+
+
+# ---------------------------------------------------------------------------------------------------- rayms
+
+
+def replica_entry(report: ReplicaReport) -> dict[str, Any]:
+    """One entry of ``GET /v2/repository/replicas`` (a rayms addition): what one model replica holds."""
+    return {"replica": report.replica, "node": report.node, "used_bytes": report.used_bytes,
+            "budget_bytes": report.budget_bytes, "evictions": report.evictions,
+            "models": {name: asdict(model) for name, model in report.models.items()}}

@@ -1,6 +1,6 @@
 """The Ray and Ray Serve environment rayms runs with: ``rayms serve`` and notebooks (``rayms.local``), the
 KubeRay RayService (``kuberay/rayservice.yaml`` sets the HAProxy variables on its pods), rayms's deployments
-(``rayms.app``) and the test suite.
+(:mod:`rayms.cluster.deployments`) and the test suite.
 
 Plain data, importable before Ray: Serve reads these variables when it is imported.
 """

@@ -4,11 +4,11 @@ Every way of adding a model (repository API, models file, Kubernetes, Python) en
 :meth:`ModelRegistry.register`; every way of removing one ends in :meth:`ModelRegistry.unregister`.
 The registry persists the desired set (see :mod:`rayms.statestore`), drives each model through its
 lifecycle by asking a replica to load it, and pushes every change to subscribers through
-:meth:`ModelRegistry.watch` (a long poll), so the router and the replicas keep a local view and never
+:meth:`ModelRegistry.watch` (a long poll), so the ingress replicas and the bridge keep a local view and never
 ask per request.
 
 This module is plain asyncio. Ray appears only behind the :class:`Placer` seam (how a load reaches a
-replica) and in :mod:`rayms.app`, which wraps the registry in a Serve deployment.
+replica), implemented in :mod:`rayms.cluster`, which also wraps the registry in a Serve deployment.
 """
 
 from __future__ import annotations
@@ -18,32 +18,28 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Protocol
 
 from rayms.config import ModelSpec, Settings, validate_model_name
-from rayms.errors import MemoryUnavailable, ModelNotFound, RaymsError
+from rayms.errors import LoadTimedOut, MemoryUnavailable, ModelNotFound, RaymsError
+from rayms.status import Changes, LoadReport, ModelState, ModelStatus, Source
 from rayms.statestore import StateStore
 
 logger = logging.getLogger("rayms.registry")
 
+SEEDED = (Source.REPOSITORY_FOLDER, Source.MODELS_FILE)
+"""The sources a server declares itself at every start."""
 
-class ModelState(str, Enum):
-    """Lifecycle of one model. FAILED keeps its reason until the model is registered again."""
-
-    PENDING = "PENDING"
-    DOWNLOADING = "DOWNLOADING"
-    LOADING = "LOADING"
-    READY = "READY"
-    FAILED = "FAILED"
-    UNLOADING = "UNLOADING"
+LOAD_WAIT_GRACE_S = 1.0
 
 
 class Placer(Protocol):
-    """How the registry reaches replicas. The Ray implementation lives in :mod:`rayms.app`."""
+    """How the registry reaches replicas. The Ray implementation lives in :mod:`rayms.cluster.handles`.
 
-    async def load(self, name: str, spec: ModelSpec, version: int) -> dict[str, Any]:
-        """Load ``name`` on a replica; return ``{"measured_bytes", "load_time_s", "replica", "metadata"}``."""
+    Errors raised behind it arrive as :class:`~rayms.errors.RaymsError` (the seam unwraps Ray's wrappers)."""
+
+    async def load(self, name: str, spec: ModelSpec, version: int) -> LoadReport:
+        """Load ``name`` on a replica and say what it cost there."""
 
     async def unload(self, name: str, spec: ModelSpec) -> None:
         """Drop ``name`` from every replica and its artifact from every node's cache."""
@@ -52,8 +48,8 @@ class Placer(Protocol):
 @dataclass
 class ModelRecord:
     name: str
-    spec: ModelSpec
-    source: str
+    spec: ModelSpec | None  # None only for a FAILED model that never had a valid spec
+    source: Source
     version: int = 1
     state: ModelState = ModelState.PENDING
     reason: str = ""
@@ -64,24 +60,13 @@ class ModelRecord:
     replicas: set[str] = field(default_factory=set)
     change: int = 0
 
-    def status(self) -> dict[str, Any]:
-        """The record as subscribers and the repository index see it (JSON-ready)."""
-        return {
-            "name": self.name,
-            "version": str(self.version),
-            "state": self.state.value,
-            "reason": self.reason,
-            "source": self.source,
-            "framework": self.spec.framework,
-            "storageUri": self.spec.storage_uri,
-            "spec": self.spec.to_wire(),
-            "declaredMemory": self.spec.memory_bytes,
-            "measuredMemory": self.measured_bytes,
-            "loadTimeS": self.load_time_s,
-            "replicas": sorted(self.replicas),
-            "metadata": self.metadata,
-            "updatedAt": self.updated_at,
-        }
+    def status(self) -> ModelStatus:
+        """The record as subscribers and the repository index see it."""
+        return ModelStatus(
+            name=self.name, version=self.version, state=self.state, source=self.source, spec=self.spec,
+            reason=self.reason, measured_bytes=self.measured_bytes, load_time_s=self.load_time_s,
+            replicas=tuple(sorted(self.replicas)), metadata=self.metadata, updated_at=self.updated_at,
+        )
 
 
 class ModelRegistry:
@@ -93,6 +78,9 @@ class ModelRegistry:
         self._placer = placer
         self._records: dict[str, ModelRecord] = {}
         self._tombstones: dict[str, int] = {}
+        # Models a server declares at start (repository folder, models file) that a user unloaded: they stay
+        # unloaded across restarts until loaded again. Persisted with the desired set.
+        self._declined: dict[str, Source] = {}
         self._change = 0
         self._epoch = uuid.uuid4().hex
         self._changed = asyncio.Condition()
@@ -109,23 +97,57 @@ class ModelRegistry:
         entries = await asyncio.to_thread(self._store.read)
         for entry in entries:
             try:
-                spec = ModelSpec.parse(entry["modelSpec"], name=entry["modelName"])
-                self._put(entry["modelName"], spec, entry.get("source", "repository"),
+                name = validate_model_name(entry["modelName"])
+                if entry.get("unloaded"):
+                    self._declined[name] = Source.parse(entry["source"])
+                    continue
+                spec = ModelSpec.parse(entry["modelSpec"], name=name)
+                self._put(name, spec, Source.parse(entry.get("source", Source.API)),
                           version=int(entry.get("version", 1)))
             except (RaymsError, KeyError, TypeError, ValueError) as exc:
                 logger.error("model %s: cannot restore from %s: %s", entry.get("modelName"), self._store.uri, exc)
         await self._notify()
-        logger.info("restored %d models from %s", len(entries), self._store.uri)
-        return len(entries)
+        logger.info("restored %d models from %s", len(self._records), self._store.uri)
+        return len(self._records)
+
+    async def seed(self, declared: list[tuple[str, ModelSpec | str, Source]]) -> None:
+        """Apply what the server's own sources declare at start (``spec`` or, for a model rayms cannot read,
+        the reason). Run after :meth:`restore` on every start, so a second run on another repository serves
+        that repository. A declared model a user unloaded stays unloaded; one registered by hand or by
+        Kubernetes under the same name is left alone; a model its source no longer declares is removed."""
+        names = set()
+        for name, spec, source in declared:
+            names.add(name)
+            current = self._records.get(name)
+            if name in self._declined or (current is not None and current.source not in SEEDED):
+                continue
+            reason = spec if isinstance(spec, str) else ""
+            if isinstance(spec, ModelSpec):
+                try:
+                    await self.register(name, spec, source)
+                except RaymsError as exc:
+                    reason = str(exc)
+            if reason:
+                logger.error("model %s: cannot serve it from %s: %s", name, source.value, reason)
+                try:
+                    await self.register_failed(name, reason, source)
+                except RaymsError as exc:  # not even a valid model name: the log is all there is
+                    logger.error("model %r: %s", name, exc)
+        for record in [r for r in self._records.values() if r.source in SEEDED and r.name not in names]:
+            logger.info("model %s: no longer declared by %s; unloading", record.name, record.source.value)
+            await self.unregister(record.name, decline=False)
+        if set(self._declined) - names:  # declined models whose source dropped them need no memory
+            self._declined = {n: s for n, s in self._declined.items() if n in names}
+            await self._persist()
 
     # ---------------------------------------------------------------- desired state
-    async def register(self, name: str, spec: ModelSpec | dict, source: str = "repository") -> dict[str, Any]:
+    async def register(self, name: str, spec: ModelSpec, source: Source = Source.API) -> ModelStatus:
         """Add a model or change its spec. Returns its status at once; loading goes on in the background.
 
         Registering the same spec again is a no-op unless the model FAILED (then it retries).
         """
         validate_model_name(name)
-        spec = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec, name=name)
+        source = Source.parse(source)
         budget = self._settings.replica_memory_bytes
         if spec.memory_bytes > budget:
             raise MemoryUnavailable(
@@ -140,9 +162,28 @@ class ModelRegistry:
         await self._persist()
         return record.status()
 
-    def _put(self, name: str, spec: ModelSpec, source: str, version: int = 1) -> ModelRecord:
+    async def load(self, name: str, spec: ModelSpec, source: Source = Source.API) -> ModelStatus:
+        """Register and wait until READY or FAILED (the repository API's load), within ``load_timeout_s``."""
+        await self.register(name, spec, source)
+        # A little longer than the load's own bound, so a load that runs out of time ends as FAILED with its
+        # reason; the wait itself times out only for a load still queued behind max_concurrent_loads.
+        return await self.wait_settled(name, self._settings.load_timeout_s + LOAD_WAIT_GRACE_S)
+
+    async def register_failed(self, name: str, reason: str, source: Source) -> ModelStatus:
+        """Record a model that a source declares but rayms cannot read (e.g. a repository folder with no
+        model file): it shows in the index as FAILED with ``reason`` and is not persisted or loaded."""
+        validate_model_name(name)
+        record = ModelRecord(name=name, spec=None, source=source, state=ModelState.FAILED, reason=reason)
+        self._records[name] = record
+        self._tombstones.pop(name, None)
+        self._touch(record)
+        await self._notify()
+        return record.status()
+
+    def _put(self, name: str, spec: ModelSpec, source: Source, version: int = 1) -> ModelRecord:
         current = self._records.get(name)
-        if current is None:
+        self._declined.pop(name, None)  # loaded again: no longer declined
+        if current is None or current.spec is None:
             record = ModelRecord(name=name, spec=spec, source=source, version=version)
             self._records[name] = record
             self._tombstones.pop(name, None)
@@ -160,11 +201,16 @@ class ModelRegistry:
         self._start_load(record)
         return record
 
-    async def unregister(self, name: str, source: str | None = None) -> None:
-        """Remove a model: from the desired set, from every replica, and from the artifact caches."""
+    async def unregister(self, name: str, source: Source | None = None, *, decline: bool = True) -> None:
+        """Remove a model: from the desired set, from every replica, and from the artifact caches.
+
+        A model the server's own sources declare is remembered as declined (``decline``), so a restart does
+        not bring it back."""
         record = self._records.get(name)
         if record is None or (source is not None and record.source != source):
             raise ModelNotFound(name)
+        if decline and record.source in SEEDED:
+            self._declined[name] = record.source
         task = self._tasks.pop(name, None)
         if task:
             task.cancel()
@@ -177,7 +223,8 @@ class ModelRegistry:
         self._wake_waiters(name)  # a load waiting on it learns that it is gone
         await self._persist()
         try:
-            await self._placer.unload(name, record.spec)
+            if record.spec is not None:
+                await self._placer.unload(name, record.spec)
         except Exception as exc:  # the model is gone from the desired set whatever a replica says
             logger.warning("model %s: unload on replicas reported: %s", name, exc)
         await self._notify()
@@ -210,11 +257,11 @@ class ModelRegistry:
                 raise
             except Exception as exc:
                 if isinstance(exc, asyncio.TimeoutError):
-                    exc = TimeoutError(f"model {name}: no replica finished loading it within "
-                                       f"{self._settings.load_timeout_s:.0f}s")
+                    exc = LoadTimedOut(f"model {name}: no replica finished loading it within "
+                                       f"{self._settings.load_timeout_s:g}s")
                 if self._records.get(name) is record and record.version == version:
                     # Not retried here: a failed model waits for the next register (no hot loop).
-                    record.state, record.reason = ModelState.FAILED, _reason(exc)
+                    record.state, record.reason = ModelState.FAILED, str(exc) or type(exc).__name__
                     self._touch(record)
                     await self._notify()
                     logger.error("model %s: version %d failed: %s", name, version, record.reason)
@@ -226,23 +273,22 @@ class ModelRegistry:
             if self._tasks.get(name) is asyncio.current_task():
                 del self._tasks[name]
             record.state, record.reason = ModelState.READY, ""
-            record.measured_bytes = int(result.get("measured_bytes") or 0)
+            record.measured_bytes = result.measured_bytes
             record.load_time_s = round(time.monotonic() - started, 4)
-            record.metadata = result.get("metadata") or {}
-            if result.get("replica"):
-                record.replicas.add(result["replica"])
+            record.metadata = result.metadata
+            record.replicas.add(result.replica)
             self._touch(record)
             await self._notify()
             logger.info("model %s: version %d READY in %.3fs", name, version, record.load_time_s)
 
-    async def report(self, name: str, version: int, state: str, reason: str = "") -> None:
-        """A replica tells how a load it runs is going (e.g. LOADING once the artifact is local)."""
+    async def report(self, name: str, version: int, state: ModelState) -> None:
+        """A replica tells how a load it runs is going (LOADING once the artifact is local)."""
         record = self._records.get(name)
         if record is None or record.version != version or record.state == ModelState.READY:
             return
         if record.state in (ModelState.FAILED, ModelState.UNLOADING):
             return
-        record.state, record.reason = ModelState(state), reason
+        record.state, record.reason = ModelState(state), ""
         self._touch(record)
         await self._notify()
 
@@ -274,19 +320,21 @@ class ModelRegistry:
             await self._notify()
 
     # ---------------------------------------------------------------- reading
-    def get(self, name: str) -> dict[str, Any]:
+    def get(self, name: str) -> ModelStatus:
         record = self._records.get(name)
         if record is None:
             raise ModelNotFound(name)
         return record.status()
 
-    def list(self, source: str | None = None) -> list[dict[str, Any]]:
+    def list(self, source: Source | None = None) -> list[ModelStatus]:
         return [r.status() for r in self._records.values() if source is None or r.source == source]
 
-    async def wait_settled(self, name: str, timeout_s: float) -> dict[str, Any]:
-        """Wait until ``name`` is READY or FAILED at its current version (or gone), then return its status.
+    async def wait_settled(self, name: str, timeout_s: float) -> ModelStatus:
+        """Wait until ``name`` is READY or FAILED at its current version, then return its status.
 
-        Each waiter waits on its own model: a thousand loads in flight are not all woken by every change."""
+        Raises :class:`~rayms.errors.ModelNotFound` when it is unregistered meanwhile and
+        :class:`~rayms.errors.LoadTimedOut` when it has not settled after ``timeout_s``. Each waiter waits
+        on its own model: a thousand loads in flight are not all woken by every change."""
         record = self._records.get(name)
         if record is None:
             raise ModelNotFound(name)
@@ -306,6 +354,9 @@ class ModelRegistry:
         record = self._records.get(name)
         if record is None:
             raise ModelNotFound(name)
+        if not self._settled(record):
+            raise LoadTimedOut(f"model {name}: not READY within {timeout_s:g}s (state {record.state.value}); "
+                               "it is still being loaded, see the repository index")
         return record.status()
 
     def _settled(self, record: ModelRecord) -> bool:
@@ -317,7 +368,7 @@ class ModelRegistry:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def watch(self, epoch: str | None, since: int, timeout_s: float = 30.0) -> dict[str, Any]:
+    async def watch(self, epoch: str | None, since: int, timeout_s: float = 30.0) -> Changes:
         """Long poll: return what changed after change number ``since``, waiting up to ``timeout_s``.
 
         A subscriber from another registry lifetime (``epoch`` differs) gets the full set with
@@ -337,7 +388,7 @@ class ModelRegistry:
         else:
             models = [r.status() for r in self._records.values() if r.change > since]
             deleted = [n for n, c in self._tombstones.items() if c > since]
-        return {"epoch": self._epoch, "change": self._change, "reset": reset, "models": models, "deleted": deleted}
+        return Changes(epoch=self._epoch, change=self._change, reset=reset, models=models, deleted=deleted)
 
     # ---------------------------------------------------------------- internals
     def _next_change(self) -> int:
@@ -365,9 +416,9 @@ class ModelRegistry:
             # The version is persisted too: replicas that outlive a registry restart hold models by version,
             # and a restored model restarting at 1 would look older than what they hold.
             entries = [
-                {"modelName": r.name, "modelSpec": r.spec.to_wire(), "source": r.source, "version": r.version}
-                for r in self._records.values()
-            ]
+                {"modelName": r.name, "modelSpec": r.spec.to_wire(), "source": r.source.value, "version": r.version}
+                for r in self._records.values() if r.spec is not None
+            ] + [{"modelName": n, "source": source.value, "unloaded": True} for n, source in self._declined.items()]
             await asyncio.to_thread(self._store.write, entries)
             self._flushed = snapshot_at
 
@@ -375,12 +426,4 @@ class ModelRegistry:
         for task in list(self._tasks.values()):
             task.cancel()
 
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc) or exc.__class__.__name__
-    # Ray wraps remote errors; keep the original message, which names the model and the problem.
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, RaymsError):
-        text = str(cause)
-    return text
 

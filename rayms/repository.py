@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rayms.config import ModelSpec, validate_model_name
+from rayms.config import ModelSpec, Settings, validate_model_name
 from rayms.errors import InvalidSpec, RaymsError
 from rayms.frameworks import framework_from_extension, resolve_model_file
+from rayms.status import Source
 
 
 def spec_from_repository(root: str | None, name: str) -> ModelSpec | None:
@@ -68,3 +69,24 @@ def read_models_file(path: str) -> dict[str, ModelSpec]:
         name = validate_model_name(entry["modelName"])
         specs[name] = ModelSpec.parse(entry["modelSpec"], name=name)
     return specs
+
+
+def seed_models(settings: Settings) -> list[tuple[str, ModelSpec | str, Source]]:
+    """The models ``--model-repository`` and ``--models`` declare, with the source each registers under.
+    A model rayms cannot read comes with the reason instead of a spec: one bad folder never stops the rest."""
+    seeds: list[tuple[str, ModelSpec | str, Source]] = []
+    if settings.model_repository:
+        base = Path(settings.model_repository).expanduser().resolve()
+        if not base.is_dir():
+            raise InvalidSpec(f"model repository {settings.model_repository} is not a folder")
+        for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                spec = spec_from_repository(str(base), folder.name)
+            except RaymsError as exc:
+                seeds.append((folder.name, str(exc), Source.REPOSITORY_FOLDER))
+                continue
+            if spec is not None:
+                seeds.append((folder.name, spec, Source.REPOSITORY_FOLDER))
+    if settings.models_file:
+        seeds += [(n, s, Source.MODELS_FILE) for n, s in read_models_file(settings.models_file).items()]
+    return seeds

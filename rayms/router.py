@@ -1,11 +1,10 @@
-"""The router: the FastAPI ingress deployment that speaks KServe V1 and the Open Inference Protocol V2.
+"""The HTTP layer: KServe V1 and the Open Inference Protocol V2 as an ASGI application.
 
 Routes only translate HTTP to :class:`~rayms.dataplane.DataPlane` calls and back; each protocol's route
 table is one function. Every error leaves as ``{"error": "..."}`` with the status its
-:class:`~rayms.errors.RaymsError` carries; FastAPI's own ``{"detail": ...}`` bodies never do.
-
-The same deployment is the Python entry point: ``serve.get_app_handle("rayms")`` exposes ``infer``,
-``predict``, ``load``, ``unload``, ``list_models`` and ``replicas`` taking plain Python and numpy values.
+:class:`~rayms.errors.RaymsError` carries; FastAPI's own ``{"detail": ...}`` bodies never do. Which process
+serves this application (a model replica, or the two-hop router) is decided in :mod:`rayms.cluster`; nothing
+here knows about Ray.
 """
 
 from __future__ import annotations
@@ -17,28 +16,16 @@ import numpy as np
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from rayms.codecs import (
-    InferRequest,
-    InferResult,
-    RequestedOutput,
-    Tensor,
-    decode_v1_request,
-    decode_v2_request,
-    encode_v1_response,
-    encode_v2_response,
+    InferRequest, InferResult, Tensor, decode_v1_request, decode_v2_request, encode_v1_response, encode_v2_response,
 )
 from rayms.config import Settings
 from rayms.dataplane import DataPlane, naming_model
 from rayms.errors import InvalidInput, Overloaded, PayloadTooLarge, RaymsError
-from rayms.replica import REPLICA, ModelReplica
-from rayms.view import RegistryView
+from rayms.protocol import RepositoryIndexItem, replica_entry
 
 logger = logging.getLogger("rayms.router")
 
@@ -47,16 +34,10 @@ JSON = "application/json"
 
 # ------------------------------------------------------------------------------------------ errors
 def as_rayms_error(exc: BaseException) -> RaymsError:
-    """Map anything raised while serving to the error the client should see."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, RaymsError):
-        return cause
+    """The error the client should see for anything raised while answering (remote errors arrive as
+    :class:`~rayms.errors.RaymsError` already: :mod:`rayms.cluster` unwraps them)."""
     if isinstance(exc, RaymsError):
         return exc
-    if isinstance(exc, BackPressureError):
-        return Overloaded("too many requests in flight; retry shortly")
-    if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError)):
-        return Overloaded("a model replica is restarting; retry shortly")
     if isinstance(exc, RequestValidationError):
         return InvalidInput("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     return RaymsError(f"internal error: {exc.__class__.__name__}: {exc}")
@@ -133,9 +114,9 @@ def add_v1_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
     async def v1_model_ready(name: str) -> Response:
         ready = plane.model_ready(name)
         if not ready:
-            status = plane.status(name)
+            state = plane.status(name).state.value
             return _json({"name": name, "ready": False,
-                          "error": f"Model {name} is not ready (state {status['state']})"}, status_code=503)
+                          "error": f"Model {name} is not ready (state {state})"}, status_code=503)
         return _json({"name": name, "ready": True})
 
     @api.post("/v1/models/{name}:predict")
@@ -161,7 +142,7 @@ def add_v2_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
     @api.get("/v2")
     @api.get("/v2/")
     async def server_metadata() -> Response:
-        return _json(plane.server_metadata())
+        return _json(plane.server_metadata().model_dump())
 
     @api.get("/v2/models")
     async def models() -> Response:
@@ -170,14 +151,14 @@ def add_v2_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
     @api.get("/v2/models/{name}")
     @api.get("/v2/models/{name}/versions/{model_version}")
     async def model_metadata(name: str, model_version: str | None = None) -> Response:
-        return _json(await plane.model_metadata(name, model_version))
+        return _json((await plane.model_metadata(name, model_version)).model_dump())
 
     @api.get("/v2/models/{name}/ready")
     @api.get("/v2/models/{name}/versions/{model_version}/ready")
     async def model_ready(name: str, model_version: str | None = None) -> Response:
         if plane.model_ready(name, model_version):
             return _json({"name": name, "ready": True})
-        state = plane.status(name, model_version)["state"]
+        state = plane.status(name, model_version).state.value
         return _json({"name": name, "ready": False, "error": f"Model {name} is not ready (state {state})"},
                      status_code=503)
 
@@ -245,13 +226,14 @@ def add_repository_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
     @api.get("/v2/repository/index")
     async def index(request: Request) -> Response:
         body = _parse_json_object(await read_body(request, limit), "repository index")
-        return _json(plane.repository_index(ready_only=bool(body.get("ready", False))))
+        statuses = plane.repository_index(ready_only=bool(body.get("ready", False)))
+        return _json([RepositoryIndexItem.from_status(status).model_dump() for status in statuses])
 
     @api.post("/v2/repository/models/{name}/load")
     async def load(name: str, request: Request) -> Response:
         body = _parse_json_object(await read_body(request, limit), f"load {name}")
         status = await plane.load(name, body or None)
-        return _json({"name": name, "load": True, "state": status["state"], "version": status["version"]})
+        return _json({"name": name, "load": True, "state": status.state.value, "version": str(status.version)})
 
     @api.post("/v2/repository/models/{name}/unload")
     async def unload(name: str, request: Request) -> Response:
@@ -261,7 +243,7 @@ def add_repository_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
 
     @api.get("/v2/repository/replicas")
     async def replicas() -> Response:
-        return _json(await plane.replicas())
+        return _json([replica_entry(report) for report in await plane.replicas()])
 
 
 class GuardMiddleware:
@@ -322,7 +304,7 @@ class GuardMiddleware:
 
 
 def build_api(plane: DataPlane, settings: Settings) -> FastAPI:
-    api = FastAPI(title="rayms", version=plane.server_metadata()["version"], docs_url="/docs", redoc_url=None)
+    api = FastAPI(title="rayms", version=plane.server_metadata().version, docs_url="/docs", redoc_url=None)
     api.add_exception_handler(Exception, lambda _request, exc: error_response(exc))
     api.add_exception_handler(StarletteHTTPException, lambda request, exc: error_response(exc, request))
     api.add_exception_handler(RequestValidationError, lambda _request, exc: error_response(exc))
@@ -341,123 +323,3 @@ def _first_output(result: InferResult) -> np.ndarray:
         if tensor.name == "predict":
             return tensor.data
     return result.outputs[0].data
-
-
-# ------------------------------------------------------------------------------------------ deployment
-class HandleBackend:
-    """The data plane's :class:`~rayms.dataplane.Backend` over Serve handles."""
-
-    def __init__(self, registry: DeploymentHandle, models: DeploymentHandle) -> None:
-        self.registry = registry
-        self._models = models
-
-    async def infer(self, name: str, request: InferRequest) -> InferResult:
-        try:
-            return await self._models.options(multiplexed_model_id=name).run_inference.remote(name, request)
-        except Exception as exc:  # Ray wraps what the replica raised; the data plane wants the error itself
-            raise as_rayms_error(exc) from exc
-
-    async def metadata(self, name: str) -> dict[str, Any]:
-        return await self._models.options(multiplexed_model_id=name).model_metadata.remote(name)
-
-    async def load(self, name: str, spec: dict[str, Any], source: str, timeout_s: float) -> dict[str, Any]:
-        return await self.registry.load.remote(name, spec, source, timeout_s)
-
-    async def unregister(self, name: str) -> None:
-        await self.registry.unregister.remote(name)
-
-    async def replicas(self) -> list[dict[str, Any]]:
-        return await self._models.broadcast("resident").results_async()
-
-    async def watch(self, epoch: str | None, since: int, timeout_s: float = 30.0) -> dict[str, Any]:
-        return await self.registry.watch.remote(epoch, since, timeout_s)
-
-
-class LocalBackend(HandleBackend):
-    """Inference in this very process (the ingress replica holds the models); control through handles."""
-
-    def __init__(self, replica: ModelReplica, registry: DeploymentHandle, models: DeploymentHandle) -> None:
-        super().__init__(registry, models)
-        self._replica = replica
-
-    async def infer(self, name: str, request: InferRequest) -> InferResult:
-        return await self._replica.run_inference(name, request)
-
-    async def metadata(self, name: str) -> dict[str, Any]:
-        return await self._replica.model_metadata(name)
-
-
-class PythonApi:
-    """The methods notebooks call through ``serve.get_app_handle("rayms")``; needs ``_plane`` and ``_view``."""
-
-    _plane: DataPlane
-    _view: RegistryView
-
-    async def infer(self, name: str, inputs: Any, parameters: dict[str, Any] | None = None,
-                    outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Run a model on numpy inputs (an array, or a dict of named arrays); returns named outputs."""
-        named = inputs if isinstance(inputs, dict) else {"input-0": inputs}
-        request = InferRequest(
-            inputs=[Tensor.from_numpy(input_name, np.asarray(value)) for input_name, value in named.items()],
-            outputs=[RequestedOutput(name=o) for o in outputs or []],
-            parameters=dict(parameters or {}),
-        )
-        _, result = await self._plane.infer(name, request)
-        return {t.name: t.data for t in result.outputs}
-
-    async def predict(self, name: str, instances: Any, parameters: dict[str, Any] | None = None) -> list:
-        """V1-style prediction: rows in, a list of predictions out."""
-        result = await self.infer(name, np.asarray(instances), parameters=parameters)
-        return (result.get("predict") if "predict" in result else next(iter(result.values()))).tolist()
-
-    async def load(self, name: str, storage_uri: str | None = None, framework: str | None = None,
-                   memory: str | None = None, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Register a model and wait until it is READY (raises when it fails)."""
-        body = {"storageUri": storage_uri, "framework": framework, "memory": memory, "parameters": parameters}
-        return await self._plane.load(name, {k: v for k, v in body.items() if v is not None} or None)
-
-    async def unload(self, name: str) -> None:
-        await self._plane.unload(name)
-
-    async def list_models(self) -> list[dict[str, Any]]:
-        await self._view.refresh()
-        return self._plane.repository_index()
-
-    async def replicas(self) -> list[dict[str, Any]]:
-        return await self._plane.replicas()
-
-
-@serve.ingress()
-class IngressReplica(PythonApi, ModelReplica):
-    """The default ingress: a model replica that also answers HTTP, so a request for a model it holds
-    is served in this process with no Ray hop. Put HAProxy in front with ``balance uri`` (what
-    ``rayms serve`` does) and each model gets a home replica; behind Serve's own proxy any replica serves
-    any model, loading it on first use."""
-
-    async def __init__(self, settings: dict[str, Any], registry: DeploymentHandle,
-                       bridge: DeploymentHandle | None = None) -> None:
-        await ModelReplica.__init__(self, settings)
-        models = serve.get_deployment_handle(REPLICA, serve.get_replica_context().app_name)
-        self._plane = DataPlane(self._settings, view=self._view, backend=LocalBackend(self, registry, models))
-
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self._plane, self._settings)
-
-
-@serve.ingress()
-class Router(PythonApi):
-    """The two-hop ingress (``Settings.ingress = "router"``): HTTP here, models on separate replicas
-    reached through a handle with ``multiplexed_model_id``. Suits models too heavy to share a process
-    with HTTP handling."""
-
-    async def __init__(self, settings: dict[str, Any], registry: DeploymentHandle, models: DeploymentHandle,
-                       bridge: DeploymentHandle | None = None) -> None:
-        self._settings = Settings(**settings)
-        self._backend = HandleBackend(registry, models)
-        self._view = RegistryView(self._backend.watch)
-        self._view.start()
-        self._plane = DataPlane(self._settings, view=self._view, backend=self._backend)
-
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self._plane, self._settings)
-

@@ -1,10 +1,10 @@
 """A local, pushed copy of the registry's model table.
 
-The router and every replica keep one, so answering "does this model exist, which version, is it ready"
-costs a dict lookup instead of a round-trip to the registry actor. The copy is kept current by a long
-poll (:meth:`rayms.registry.ModelRegistry.watch`): the registry answers as soon as something changes,
-or after a timeout with nothing. If the registry restarts, the next answer carries a new epoch and
-the whole table, and the copy is replaced.
+Every ingress replica and the Kubernetes bridge keep one, so answering "does this model exist, which version,
+is it ready" costs a dict lookup instead of a round-trip to the registry. The copy is kept current by a long
+poll (:meth:`rayms.registry.ModelRegistry.watch`): the registry answers as soon as something changes, or after
+a timeout with nothing. If the registry restarts, the next answer carries a new epoch and the whole table,
+and the copy is replaced. While the registry is unreachable the copy keeps its last state.
 """
 
 from __future__ import annotations
@@ -12,24 +12,31 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+
+from rayms.status import Changes, ModelStatus
 
 logger = logging.getLogger("rayms.view")
 
-WatchFn = Callable[[str | None, int], Awaitable[dict[str, Any]]]
+WatchFn = Callable[[str | None, int, float], Awaitable[Changes]]
+UpdateFn = Callable[[list[str], list[str]], None]
 
 
 class RegistryView:
-    """``models[name]`` is the registry's status dict for ``name``; absent means not registered."""
+    """``models[name]`` is the registry's :class:`~rayms.status.ModelStatus` of ``name``; absent means not
+    registered. ``on_update(changed, removed)`` is called with the names each answer touched."""
 
-    def __init__(self, watch: WatchFn, *, on_update: Callable[[list[str], list[str]], None] | None = None) -> None:
+    def __init__(self, watch: WatchFn, *, on_update: UpdateFn | None = None) -> None:
         self._watch = watch
-        self._on_update = on_update
-        self.models: dict[str, dict[str, Any]] = {}
+        self._listeners: list[UpdateFn] = [on_update] if on_update is not None else []
+        self.models: dict[str, ModelStatus] = {}
         self._epoch: str | None = None
         self._change = 0
         self.synced = asyncio.Event()
         self._task: asyncio.Task | None = None
+
+    def add_listener(self, on_update: UpdateFn) -> None:
+        """Also call ``on_update(changed, removed)`` after every answer."""
+        self._listeners.append(on_update)
 
     def start(self) -> None:
         if self._task is None:
@@ -40,29 +47,30 @@ class RegistryView:
             self._task.cancel()
             self._task = None
 
-    def apply(self, answer: dict[str, Any]) -> None:
-        """Fold one watch answer into the table."""
-        if answer["reset"]:
-            removed = [n for n in self.models if n not in {m["name"] for m in answer["models"]}]
+    def apply(self, answer: Changes) -> None:
+        """Fold one watch answer into the table (work proportional to the answer, except on a reset)."""
+        if answer.reset:
+            present = {status.name for status in answer.models}
+            removed = [name for name in self.models if name not in present]
             self.models = {}
         else:
-            removed = [n for n in answer["deleted"] if n in self.models]
-        for name in answer["deleted"]:
-            self.models.pop(name, None)
-        for name in removed:
-            self.models.pop(name, None)
-        for status in answer["models"]:
-            self.models[status["name"]] = status
-        self._epoch, self._change = answer["epoch"], answer["change"]
+            removed = [name for name in answer.deleted if name in self.models]
+            for name in removed:
+                del self.models[name]
+        for status in answer.models:
+            self.models[status.name] = status
+        self._epoch, self._change = answer.epoch, answer.change
         self.synced.set()
-        if self._on_update is not None:
-            self._on_update([m["name"] for m in answer["models"]], removed)
+        if self._listeners:
+            changed = [status.name for status in answer.models]
+            for listener in self._listeners:
+                listener(changed, removed)
 
-    def note(self, status: dict[str, Any]) -> None:
+    def note(self, status: ModelStatus) -> None:
         """Take one model's status learnt directly from the registry, unless the view already has newer."""
-        current = self.models.get(status["name"])
-        if current is None or status.get("updatedAt", 0) >= current.get("updatedAt", 0):
-            self.models[status["name"]] = status
+        current = self.models.get(status.name)
+        if current is None or status.updated_at >= current.updated_at:
+            self.models[status.name] = status
 
     def forget(self, name: str) -> None:
         """Drop a model the registry confirmed it removed (the long poll will say so too)."""

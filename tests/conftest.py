@@ -26,6 +26,36 @@ os.environ.setdefault("RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S", "0.2"
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach Ray's endpoint within a second
 
 
+# ------------------------------------------------------------------------------------------ unit vs e2e
+# A test that needs Ray asks for the `ray_instance` fixture (directly or through `rayms_server`) or carries the
+# `e2e` marker; every other test is a unit test and must not start Ray. `pytest -m "not e2e"` runs the units.
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "ray_instance" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_do_not_start_ray(request, monkeypatch):
+    if request.node.get_closest_marker("e2e") is not None:
+        yield
+        return
+    import ray
+
+    was_running = ray.is_initialized()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a unit test started Ray: ask for the ray_instance fixture or mark it e2e")
+
+    from ray import serve
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(serve, "start", refuse)
+    monkeypatch.setattr(serve, "run", refuse)
+    yield
+    assert was_running or not ray.is_initialized(), "a unit test left Ray running"
+
+
 def wait_for(condition: Callable[[], object], timeout_s: float = 60.0, interval_s: float = 0.05, what: str = "") -> object:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

@@ -187,3 +187,26 @@ def test_serve_refuses_bad_settings_before_starting_anything(flags, named, tmp_p
     assert done.returncode == 2, done.stderr[-2000:]
     assert named in done.stderr and "Traceback" not in done.stderr
     assert "starting rayms" not in done.stdout
+
+
+def test_serve_flags_override_the_environment_only_when_given(monkeypatch):
+    from rayms.cli import parser, serve_settings
+
+    monkeypatch.setenv("RAYMS_PORT", "8123")
+    monkeypatch.setenv("RAYMS_HOST", "127.0.0.2")
+    monkeypatch.setenv("RAYMS_NUM_REPLICAS", "3")
+    from_env = serve_settings(parser().parse_args(["serve"]))
+    assert (from_env.host, from_env.port, from_env.num_replicas) == ("127.0.0.2", 8123, 3)
+    flagged = serve_settings(parser().parse_args(["serve", "--port", "9001", "--replicas", "1"]))
+    assert (flagged.host, flagged.port, flagged.num_replicas) == ("127.0.0.2", 9001, 1)
+
+
+def test_bad_overrides_are_refused_when_the_app_is_built_not_inside_a_replica():
+    from pydantic import ValidationError
+
+    from rayms.app import build_app
+
+    with pytest.raises(ValidationError, match="num_replicas"):
+        build_app(num_replicas=-3)
+    with pytest.raises(ValidationError, match="no_such_setting"):
+        build_app(no_such_setting=1)

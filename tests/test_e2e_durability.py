@@ -9,6 +9,8 @@ run in file order on module-scoped apps: registry death, replica deaths, then a 
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -59,7 +61,8 @@ def healthy(app: str, deployment: str, replicas: int, killed: str) -> bool:
 def all_ready_since(server: Server, models: dict[str, Predict], since: float) -> bool:
     """Every model READY in a registry state written after ``since`` (so not a view from before a death)."""
     rows = index(server)
-    return all(n in rows and rows[n]["state"] == "READY" and rows[n]["updatedAt"] > since for n in models)
+    return all(n in rows and rows[n]["state"] == "READY"
+               and datetime.fromisoformat(rows[n]["updatedAt"]).timestamp() > since for n in models)
 
 
 @contextmanager

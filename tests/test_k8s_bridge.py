@@ -16,11 +16,12 @@ import pytest
 import yaml
 from kubernetes import client
 
-from rayms.config import Settings
+from rayms.config import ModelSpec, Settings
 from rayms.errors import ModelLoadError
 from rayms.k8s import TrainedModelBridge
 from rayms.registry import ModelRegistry
 from rayms.statestore import StateStore
+from rayms.status import LoadReport, Source
 from tests.fake_apiserver import FakeApiServer
 from tests.support import DirectRegistry
 
@@ -40,7 +41,7 @@ class Placer:
         self.loads.append((name, version))
         if "unreachable" in spec.storage_uri:
             raise ModelLoadError(f"model {name}: cannot fetch {spec.storage_uri}: connection refused")
-        return {"measured_bytes": 100, "replica": "r0"}
+        return LoadReport(replica="r0", measured_bytes=100, load_time_s=0.01, metadata={})
 
     async def unload(self, name, spec):
         self.unloads.append(name)
@@ -114,7 +115,7 @@ class Harness:
         raise AssertionError(f"timed out waiting for {what or predicate}")
 
     def registered(self) -> set[str]:
-        return {m["name"] for m in self.registry.list()}
+        return {m.name for m in self.registry.list()}
 
 
 async def test_two_hundred_trained_models_become_ready_without_storming_the_api(apiserver, tmp_path):
@@ -186,10 +187,10 @@ async def test_changing_storage_uri_loads_a_new_version(apiserver, tmp_path):
     await h.until(lambda: h.condition("m", "Ready").get("status") == "True", what="ready")
     await asyncio.to_thread(h.objects.patch_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, "m",
                             {"spec": {"model": {"storageUri": "s3://models/m-v2.joblib"}}})
-    await h.until(lambda: h.registry.get("m")["version"] == "2" and h.registry.get("m")["state"] == "READY",
+    await h.until(lambda: h.registry.get("m").version == 2 and h.registry.get("m").state == "READY",
                   what="version 2")
     await h.until(lambda: (h.get("m")["status"] or {}).get("observedGeneration") == 2, what="observed generation")
-    assert h.registry.get("m")["storageUri"] == "s3://models/m-v2.joblib"
+    assert h.registry.get("m").storage_uri == "s3://models/m-v2.joblib"
     await h.bridge.stop()
 
 
@@ -229,7 +230,7 @@ async def test_restart_reconciles_without_loading_anything_twice(apiserver, tmp_
     await h.until(lambda: h.condition("new", "Ready").get("status") == "True", what="new ready")
     assert h.placer.loads.count(("keep", 1)) == 1  # the same spec is not loaded again
     # a model registered from another source is left alone by reconciliation
-    await h.registry.register("by-hand", {"storageUri": "/x.joblib", "framework": "sklearn"}, "repository")
+    await h.registry.register("by-hand", ModelSpec(storage_uri="/x.joblib", framework="sklearn"), Source.API)
     await h.bridge.stop()
     await h.start_bridge()
     assert "by-hand" in h.registered()

@@ -33,6 +33,7 @@ from ray.serve.schema import ServeDeploySchema
 from rayms.config import FRAMEWORKS, ModelSpec, Settings
 from rayms.k8s import TrainedModelBridge
 from rayms.k8s.resources import parse
+from rayms.status import LoadReport
 from rayms.registry import ModelRegistry
 from rayms.statestore import StateStore
 from tests.crd_schema import crd_problems, load_crd
@@ -336,7 +337,7 @@ class Placer:
     """Loads succeed at once; the bridge's traffic, not model loading, is under test."""
 
     async def load(self, name, spec, version):
-        return {"measured_bytes": 100, "replica": "r0"}
+        return LoadReport(replica="r0", measured_bytes=100, load_time_s=0.01, metadata={})
 
     async def unload(self, name, spec):
         return None

@@ -48,7 +48,8 @@ async def test_count_limit_evicts_least_recently_used():
     await cache.get("c", spec("c"), 1)
     assert set(cache.resident()) == {"a", "c"}
     assert cache.evictions == 1
-    assert ([], ["b"]) in loads.changes and loads.changes[-1] == (["c"], [])
+    # b leaves only once c has loaded: one change reports both
+    assert loads.changes[-1] == (["c"], ["b"])
 
 
 async def test_memory_budget_evicts_until_declared_memory_fits():
@@ -102,6 +103,17 @@ async def test_failed_load_leaves_cache_unchanged_and_is_retried_next_time():
     with pytest.raises(ModelLoadError):
         await cache.get("bad", spec("bad", uri="/broken"), 1)
     assert loads.calls.count(("bad", 1)) == 2
+
+
+@pytest.mark.parametrize("limit", ["count", "memory"])
+async def test_a_failed_load_evicts_nothing_even_at_the_limit(limit):
+    cache, loads = make(max_models=1) if limit == "count" else make(budget=100 * MI)
+    memory = None if limit == "count" else "60Mi"
+    await cache.get("a", spec("a", memory=memory), 1)
+    with pytest.raises(ModelLoadError):
+        await cache.get("bad", spec("bad", memory=memory, uri="/broken"), 1)
+    assert set(cache.resident()) == {"a"} and cache.evictions == 0
+    assert all(not evicted for _, evicted in loads.changes)
 
 
 async def test_new_version_loads_in_background_while_old_serves():

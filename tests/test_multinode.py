@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # starts Ray in processes of its own
+
 REPO = Path(__file__).resolve().parent.parent
 MODELS = [f"node-model-{i}" for i in range(6)]
 

@@ -24,6 +24,8 @@ from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
+pytestmark = pytest.mark.e2e  # starts Ray in processes of its own
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 BROKEN = REPO / "tests" / "notebooks" / "broken.ipynb"

@@ -8,8 +8,9 @@ import json
 import pytest
 
 from rayms.config import ModelSpec, Settings
-from rayms.errors import MemoryUnavailable, ModelNotFound, ModelLoadError, InvalidSpec
+from rayms.errors import InvalidSpec, LoadTimedOut, MemoryUnavailable, ModelLoadError, ModelNotFound, UnsupportedFramework
 from rayms.registry import ModelRegistry
+from rayms.status import LoadReport, ModelState, Source
 from rayms.statestore import StateStore
 
 
@@ -27,7 +28,7 @@ class FakePlacer:
             await self.gate.wait()
         if "broken" in spec.storage_uri:
             raise ModelLoadError(f"model {name}: cannot unpickle {spec.storage_uri}")
-        return {"measured_bytes": 1234, "replica": "r1", "metadata": {"inputs": []}}
+        return LoadReport(replica="r1", measured_bytes=1234, load_time_s=0.01, metadata={"inputs": []})
 
     async def unload(self, name, spec):
         self.unloads.append(name)
@@ -55,13 +56,13 @@ async def test_register_moves_to_ready_and_records_measurements(make_registry):
     registry, placer, _ = make_registry()
     placer.gate = asyncio.Event()
     status = await registry.register("m1", spec(), "repository")
-    assert status["state"] in ("PENDING", "DOWNLOADING")  # registered before loading: visible at once
+    assert status.state in ("PENDING", "DOWNLOADING")  # registered before loading: visible at once
     placer.gate.set()
     status = await settle(registry, "m1")
-    assert status["state"] == "READY"
-    assert status["measuredMemory"] == 1234
-    assert status["replicas"] == ["r1"]
-    assert status["loadTimeS"] is not None
+    assert status.state == "READY"
+    assert status.measured_bytes == 1234
+    assert status.replicas == ("r1",)
+    assert status.load_time_s is not None
     assert placer.loads == [("m1", 1)]
 
 
@@ -69,8 +70,8 @@ async def test_failed_load_is_failed_with_reason_and_not_retried(make_registry):
     registry, placer, _ = make_registry()
     await registry.register("bad", spec("file:///broken"), "repository")
     status = await settle(registry, "bad")
-    assert status["state"] == "FAILED"
-    assert "cannot unpickle file:///broken" in status["reason"]
+    assert status.state == "FAILED"
+    assert "cannot unpickle file:///broken" in status.reason
     await asyncio.sleep(0)  # give a hot loop the chance to show itself
     assert placer.loads == [("bad", 1)]
     # registering again retries once
@@ -87,7 +88,7 @@ async def test_same_spec_is_idempotent_new_spec_is_new_version(make_registry):
     assert placer.loads == [("m", 1)]
     await registry.register("m", spec("file:///m/b"), "repository")
     status = await settle(registry, "m")
-    assert status["version"] == "2" and status["storageUri"] == "file:///m/b"
+    assert status.version == 2 and status.storage_uri == "file:///m/b"
 
 
 async def test_new_version_keeps_old_ready_while_loading(make_registry):
@@ -97,9 +98,9 @@ async def test_new_version_keeps_old_ready_while_loading(make_registry):
     placer.gate = asyncio.Event()
     await registry.register("m", spec("file:///m/b"), "repository")
     await asyncio.sleep(0)
-    assert registry.get("m")["state"] == "READY"  # old version still serving
+    assert registry.get("m").state == "READY"  # old version still serving
     placer.gate.set()
-    assert (await settle(registry, "m"))["version"] == "2"
+    assert (await settle(registry, "m")).version == 2
 
 
 async def test_memory_admission_refuses_oversized_model(make_registry):
@@ -116,8 +117,8 @@ async def test_invalid_names_and_specs_are_refused(make_registry):
     for name in ("a/b", "..", "../etc", "", "x y"):
         with pytest.raises(InvalidSpec):
             await registry.register(name, spec(), "repository")
-    with pytest.raises(InvalidSpec, match="framework"):
-        await registry.register("m", {"storageUri": "/x", "framework": "tensorflow"}, "repository")
+    with pytest.raises(UnsupportedFramework, match="framework"):
+        ModelSpec.parse({"storageUri": "/x", "framework": "tensorflow"}, name="m")
 
 
 async def test_unregister_persists_and_unloads(make_registry):
@@ -147,28 +148,28 @@ async def test_restore_brings_back_exactly_the_registered_set(make_registry, tmp
     again, placer, _ = make_registry()
     assert await again.restore() == 1
     status = await settle(again, "b")
-    assert status["state"] == "READY" and status["source"] == "kubernetes"
-    assert status["version"] == "2", "a restored model keeps its version"
+    assert status.state == "READY" and status.source == "kubernetes"
+    assert status.version == 2, "a restored model keeps its version"
     assert placer.loads == [("b", 2)]
 
 
 async def test_watch_pushes_changes_and_deletions(make_registry):
     registry, _, _ = make_registry()
     first = await registry.watch(None, 0, timeout_s=0)
-    assert first["reset"] and first["models"] == []
-    waiter = asyncio.create_task(registry.watch(first["epoch"], first["change"], timeout_s=5))
+    assert first.reset and first.models == []
+    waiter = asyncio.create_task(registry.watch(first.epoch, first.change, timeout_s=5))
     await asyncio.sleep(0)
     assert not waiter.done()
     await registry.register("a", spec(), "repository")
     answer = await waiter
-    assert not answer["reset"] and [m["name"] for m in answer["models"]] == ["a"]
+    assert not answer.reset and [m.name for m in answer.models] == ["a"]
     await settle(registry, "a")
     await registry.unregister("a")
-    later = await registry.watch(first["epoch"], answer["change"], timeout_s=0)
-    assert "a" in later["deleted"]
+    later = await registry.watch(first.epoch, answer.change, timeout_s=0)
+    assert "a" in later.deleted
     # a subscriber from another registry lifetime gets a full reset
     other = await registry.watch("stale-epoch", 999, timeout_s=0)
-    assert other["reset"]
+    assert other.reset
 
 
 async def test_thousand_registrations_share_few_state_writes(make_registry, monkeypatch):
@@ -180,7 +181,7 @@ async def test_thousand_registrations_share_few_state_writes(make_registry, monk
     assert len(store.read()) == 1000
     assert len(writes) < 1000  # group commit
     statuses = await asyncio.gather(*(settle(registry, f"m{i}") for i in range(1000)))
-    assert {s["state"] for s in statuses} == {"READY"}
+    assert {s.state for s in statuses} == {"READY"}
 
 
 async def test_replicas_that_went_away_leave_the_index(make_registry):
@@ -188,9 +189,9 @@ async def test_replicas_that_went_away_leave_the_index(make_registry):
     await registry.register("a", spec(), "repository")
     await settle(registry, "a")
     await registry.report_residency("r2", loaded=["a"], evicted=[])
-    assert registry.get("a")["replicas"] == ["r1", "r2"]
+    assert registry.get("a").replicas == ("r1", "r2")
     await registry.keep_replicas({"r2"})
-    assert registry.get("a")["replicas"] == ["r2"]
+    assert registry.get("a").replicas == ("r2",)
 
 
 async def test_a_load_that_never_answers_ends_failed(make_registry):
@@ -198,4 +199,89 @@ async def test_a_load_that_never_answers_ends_failed(make_registry):
     placer.gate = asyncio.Event()  # never set: the replica never answers
     await registry.register("stuck", spec(), "repository")
     status = await settle(registry, "stuck")
-    assert status["state"] == "FAILED" and "no replica finished loading it" in status["reason"]
+    assert status.state == "FAILED" and "no replica finished loading it" in status.reason
+
+
+async def test_a_wait_that_times_out_is_an_error_not_a_status(make_registry):
+    registry, placer, _ = make_registry()
+    placer.gate = asyncio.Event()  # the load is still running when the wait gives up
+    await registry.register("slow", spec(), Source.API)
+    with pytest.raises(LoadTimedOut, match="not READY within"):
+        await registry.wait_settled("slow", timeout_s=0.05)
+    placer.gate.set()
+    assert (await settle(registry, "slow")).state is ModelState.READY
+
+
+async def test_repository_load_waits_at_most_load_timeout_s(make_registry):
+    registry, placer, _ = make_registry(load_timeout_s=0.2)
+    placer.gate = asyncio.Event()  # never answers
+    status = await registry.load("stuck", spec(), Source.API)
+    # The load's own bound fails the model; the wait returns that, within the same timeout.
+    assert status.state is ModelState.FAILED and "no replica finished loading it within 0.2s" in status.reason
+
+
+async def test_a_model_a_source_cannot_declare_is_failed_with_its_reason(make_registry):
+    registry, placer, store = make_registry()
+    status = await registry.register_failed("broken-folder", "no model file in /repo/broken-folder",
+                                            Source.REPOSITORY_FOLDER)
+    assert status.state is ModelState.FAILED and status.spec is None
+    assert registry.get("broken-folder").reason == "no model file in /repo/broken-folder"
+    assert placer.loads == [] and store.read() == []  # never loaded, never persisted
+    await registry.register("broken-folder", spec(), Source.API)  # a real spec replaces it
+    assert (await settle(registry, "broken-folder")).state is ModelState.READY
+
+
+async def test_every_start_serves_what_the_repository_declares_now(make_registry):
+    registry, _, _ = make_registry()
+    await registry.restore()
+    await registry.seed([("a", spec("file:///repo-a/a"), Source.REPOSITORY_FOLDER)])
+    await registry.register("mine", spec("file:///mine"), Source.API)
+    # the next start serves another repository with the same state file
+    again, placer, _ = make_registry()
+    await again.restore()
+    await again.seed([("b", spec("file:///repo-b/b"), Source.REPOSITORY_FOLDER),
+                      ("mine", spec("file:///repo-b/mine"), Source.REPOSITORY_FOLDER)])
+    assert {m.name: m.source for m in again.list()} == {"b": Source.REPOSITORY_FOLDER, "mine": Source.API}
+    assert again.get("mine").storage_uri == "file:///mine", "a model loaded by hand is not replaced by a seed"
+
+
+async def test_a_declared_model_a_user_unloaded_stays_unloaded_until_loaded_again(make_registry):
+    registry, _, _ = make_registry()
+    await registry.restore()
+    seeds = [("a", spec("file:///a"), Source.REPOSITORY_FOLDER), ("b", spec("file:///b"), Source.MODELS_FILE)]
+    await registry.seed(seeds)
+    await registry.unregister("a")
+    again, _, _ = make_registry()
+    await again.restore()
+    await again.seed(seeds)
+    assert [m.name for m in again.list()] == ["b"]
+    await again.register("a", spec("file:///a"), Source.API)  # loaded again by hand
+    third, _, _ = make_registry()
+    await third.restore()
+    await third.seed(seeds)
+    assert sorted(m.name for m in third.list()) == ["a", "b"]
+
+
+async def test_folders_rayms_cannot_read_are_failed_and_the_rest_serve(make_registry):
+    registry, _, _ = make_registry()
+    await registry.restore()
+    await registry.seed([("good", spec(), Source.REPOSITORY_FOLDER),
+                         ("empty", "no model file in /repo/empty", Source.REPOSITORY_FOLDER),
+                         ("toobig", spec(memory="4Gi"), Source.REPOSITORY_FOLDER),
+                         ("bad name!", "whatever", Source.REPOSITORY_FOLDER)])
+    assert (await settle(registry, "good")).state is ModelState.READY
+    assert registry.get("empty").state is ModelState.FAILED and "no model file" in registry.get("empty").reason
+    assert "exceeds the model-memory budget" in registry.get("toobig").reason
+    assert sorted(m.name for m in registry.list()) == ["empty", "good", "toobig"]
+
+
+def test_instances_on_other_ports_or_repositories_keep_state_apart(tmp_path):
+    base = Settings(cache_dir=str(tmp_path), model_repository=str(tmp_path / "a"))
+    uris = {base.resolved_state_uri(),
+            Settings(cache_dir=str(tmp_path), model_repository=str(tmp_path / "b")).resolved_state_uri(),
+            Settings(cache_dir=str(tmp_path), model_repository=str(tmp_path / "a"), port=8001).resolved_state_uri(),
+            Settings(cache_dir=str(tmp_path), models_file=str(tmp_path / "m.json")).resolved_state_uri()}
+    assert len(uris) == 4
+    assert base.resolved_state_uri() == Settings(cache_dir=str(tmp_path),
+                                                 model_repository=str(tmp_path / "a")).resolved_state_uri()
+    assert Settings(state_uri="s3://b/state.json").resolved_state_uri() == "s3://b/state.json"

@@ -13,14 +13,27 @@ import numpy as np
 import pytest
 
 from rayms.codecs import InferResult, Tensor
-from rayms.config import Settings
+from rayms.config import ModelSpec, Settings
 from rayms.dataplane import DataPlane
 from rayms.router import build_api
+from rayms.status import Changes, ModelState, ModelStatus, Source
 from rayms.view import RegistryView
 
-READY = {"name": "m", "version": "1", "state": "READY", "reason": "", "framework": "sklearn",
-         "spec": {"storageUri": "/m", "framework": "sklearn"}, "metadata": {}}
-LOADING = {**READY, "name": "slow", "state": "LOADING"}
+READY = ModelStatus(name="m", version=1, state=ModelState.READY, source=Source.API,
+                    spec=ModelSpec(storage_uri="/m", framework="sklearn"))
+LOADING = ModelStatus(name="slow", version=1, state=ModelState.LOADING, source=Source.API,
+                      spec=ModelSpec(storage_uri="/slow", framework="sklearn"))
+
+
+class NoControl:
+    async def load(self, name, spec, source):
+        raise AssertionError("not used")
+
+    async def unregister(self, name, source=None):
+        raise AssertionError("not used")
+
+    async def replicas(self):
+        return []
 
 
 class HeldBackend:
@@ -41,9 +54,9 @@ def app_and_backend():
         raise AssertionError("not used")
 
     view = RegistryView(no_watch)
-    view.apply({"epoch": "e", "change": 1, "reset": True, "models": [READY, LOADING], "deleted": []})
+    view.apply(Changes(epoch="e", change=1, reset=True, models=[READY, LOADING], deleted=[]))
     backend = HeldBackend()
-    plane = DataPlane(Settings(max_ongoing_requests=3), view=view, backend=backend)
+    plane = DataPlane(Settings(max_ongoing_requests=3), view=view, models=backend, control=NoControl())
     return build_api(plane, Settings(max_ongoing_requests=3)), backend
 
 
@@ -92,7 +105,7 @@ async def test_before_the_first_registry_answer_unknown_models_get_503_not_404()
         raise AssertionError("not used")
 
     view = RegistryView(no_watch)  # never synced
-    plane = DataPlane(Settings(), view=view, backend=HeldBackend())
+    plane = DataPlane(Settings(), view=view, models=HeldBackend(), control=NoControl())
     async with client(build_api(plane, Settings())) as http:
         early = await http.post("/v2/models/m/infer", json=BODY)
         assert early.status_code == 503 and "not heard from the model registry" in early.json()["error"]

@@ -1,10 +1,10 @@
-"""``rayms._serve_private`` leans on Ray Serve internals; these tests fail loudly the day Ray changes them.
+"""``rayms.cluster.serve_private`` leans on Ray Serve internals; these tests fail loudly the day Ray changes them.
 
 Two layers. The names the module uses (import paths, ``RequestRoutingInfo``'s fields, the parameters of
 ``record_request_routing_info`` on the client and the controller, the replica context's ``replica_id``)
 are checked without Ray running, so an upgrade that renames anything fails here with the name in the
 message. The behaviour is checked over a real Serve instance: a replica that reports model ids through
-:func:`rayms._serve_private.report_model_ids` gets the handle calls made with those
+:func:`rayms.cluster.serve_private.report_model_ids` gets the handle calls made with those
 ``multiplexed_model_id``\\ s, and reporting logs no warning (``report_model_ids`` swallows errors so
 serving survives them; the test must not).
 """
@@ -52,7 +52,7 @@ def test_serve_multiplexing_still_reports_through_the_same_call():
 
 
 def test_report_outside_a_replica_does_nothing():
-    from rayms._serve_private import report_model_ids
+    from rayms.cluster.serve_private import report_model_ids
 
     assert report_model_ids(["anything"]) is None
 
@@ -60,7 +60,7 @@ def test_report_outside_a_replica_does_nothing():
 def test_reported_model_ids_route_requests_to_their_replica(ray_instance):
     from ray import serve
 
-    from rayms._serve_private import report_model_ids
+    from rayms.cluster.serve_private import report_model_ids
 
     @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0})
     class Reporter:

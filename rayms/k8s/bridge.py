@@ -19,10 +19,13 @@ from typing import Any, Protocol
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from rayms.config import Settings
-from rayms.errors import InvalidSpec, MemoryUnavailable, ModelNotFound, RaymsError
-from rayms.k8s.resources import SOURCE, Coordinates, comparable, desired_status, parse, with_transition_times
+from rayms.config import ModelSpec, Settings
+from rayms.errors import ModelNotFound, RaymsError
+from rayms.k8s.resources import (
+    SOURCE, Coordinates, comparable, condition_for, desired_status, parse, with_transition_times,
+)
 from rayms.k8s.watcher import TrainedModelWatcher
+from rayms.status import Changes, ModelStatus, Source
 from rayms.view import RegistryView
 
 logger = logging.getLogger("rayms.k8s")
@@ -31,10 +34,12 @@ STATUS_COALESCE_S = 0.05
 
 
 class RegistryClient(Protocol):
-    async def register(self, name: str, spec: dict[str, Any], source: str) -> dict[str, Any]: ...
-    async def unregister(self, name: str, source: str | None = None) -> None: ...
-    async def list(self, source: str | None = None) -> list[dict[str, Any]]: ...
-    async def watch(self, epoch: str | None, since: int, timeout_s: float = 30.0) -> dict[str, Any]: ...
+    """The registry as the bridge uses it; errors arrive as :class:`~rayms.errors.RaymsError`."""
+
+    async def register(self, name: str, spec: ModelSpec, source: Source) -> ModelStatus: ...
+    async def unregister(self, name: str, source: Source | None = None) -> None: ...
+    async def list(self, source: Source | None = None) -> list[ModelStatus]: ...
+    async def watch(self, epoch: str | None, since: int, timeout_s: float = 30.0) -> Changes: ...
 
 
 class TrainedModelBridge:
@@ -144,9 +149,9 @@ class TrainedModelBridge:
             logger.warning("cannot reconcile with the registry yet: %s", exc)
             return
         for model in models:
-            if model["name"] not in listed and model["name"] not in self._known:
-                logger.info("model %s: its TrainedModel is gone; unloading", model["name"])
-                await self._unregister(model["name"])
+            if model.name not in listed and model.name not in self._known:
+                logger.info("model %s: its TrainedModel is gone; unloading", model.name)
+                await self._unregister(model.name)
         self.synced.set()
 
     # ---------------------------------------------------------------- applying
@@ -175,22 +180,16 @@ class TrainedModelBridge:
             await self._unregister(name)
         else:
             try:
-                await self._registry.register(name, parsed.spec.to_wire(), SOURCE)
-            except Exception as exc:
-                error = getattr(exc, "cause", None) or exc
-                where = "MemoryResourceAvailable" if isinstance(error, MemoryUnavailable) else (
-                    "FrameworkSupported" if isinstance(error, InvalidSpec) else "ModelLoaded")
-                if not isinstance(error, RaymsError):
-                    raise
-                self._refusals[name] = (str(error), where)
+                await self._registry.register(name, parsed.spec, SOURCE)
+            except RaymsError as error:
+                self._refusals[name] = (str(error), condition_for(error))
         self._mark_dirty(name)
 
     async def _unregister(self, name: str) -> None:
         try:
             await self._registry.unregister(name, SOURCE)
-        except Exception as exc:
-            if not isinstance(getattr(exc, "cause", None) or exc, ModelNotFound):
-                raise
+        except ModelNotFound:
+            pass
 
     async def _adopt(self, obj: dict[str, Any]) -> None:
         """Give the TrainedModel an ownerReference to its RayService, so deleting the service deletes it."""

@@ -11,14 +11,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from rayms.config import FRAMEWORKS, ModelSpec, validate_model_name
-from rayms.errors import InvalidSpec
+from rayms.config import ModelSpec, validate_model_name
+from rayms.errors import InvalidMemory, InvalidSpec, MemoryUnavailable, RaymsError, UnsupportedFramework
+from rayms.status import ModelState, ModelStatus, Source
 
 RAYMS_GROUP = "serving.rayms.io"
 KSERVE_GROUP = "serving.kserve.io"
 VERSION = "v1alpha1"
 PLURAL = "trainedmodels"
-SOURCE = "kubernetes"
+SOURCE = Source.KUBERNETES
 CONDITION_TYPES = ("InferenceServiceReady", "FrameworkSupported", "MemoryResourceAvailable", "ModelLoaded", "Ready")
 
 
@@ -56,20 +57,19 @@ def parse(obj: dict[str, Any]) -> Parsed:
     common = {"name": name, "namespace": namespace, "generation": generation, "inference_service": service}
     try:
         validate_model_name(name)
-    except InvalidSpec as exc:
-        return Parsed(**common, spec=None, problem=str(exc), problem_condition="ModelLoaded")
-    framework = str(model.get("framework") or "").lower()
-    if framework and framework not in FRAMEWORKS and framework not in ("scikit-learn", "lgbm"):
-        return Parsed(**common, spec=None,
-                      problem=f"framework {framework!r} is not supported; use one of {', '.join(FRAMEWORKS)}")
-    try:
         spec = ModelSpec.parse(model, name=name)
     except InvalidSpec as exc:
-        condition = "MemoryResourceAvailable" if "memory" in str(exc) else "FrameworkSupported"
-        if "storageUri" in str(exc) or "storage_uri" in str(exc):
-            condition = "ModelLoaded"
-        return Parsed(**common, spec=None, problem=str(exc), problem_condition=condition)
+        return Parsed(**common, spec=None, problem=str(exc), problem_condition=condition_for(exc))
     return Parsed(**common, spec=spec)
+
+
+def condition_for(error: RaymsError) -> str:
+    """The TrainedModel condition a refusal belongs to, by the error's type (KServe's conditions)."""
+    if isinstance(error, UnsupportedFramework):
+        return "FrameworkSupported"
+    if isinstance(error, (InvalidMemory, MemoryUnavailable)):
+        return "MemoryResourceAvailable"
+    return "ModelLoaded"
 
 
 def _condition(kind: str, ok: bool | None, reason: str = "", message: str = "") -> dict[str, Any]:
@@ -81,7 +81,7 @@ def _condition(kind: str, ok: bool | None, reason: str = "", message: str = "") 
     return condition
 
 
-def desired_status(*, parsed: Parsed, model: dict[str, Any] | None, refusal: str, refusal_condition: str,
+def desired_status(*, parsed: Parsed, model: ModelStatus | None, refusal: str, refusal_condition: str,
                    url: str, address_url: str, service_ready: bool = True) -> dict[str, Any]:
     """The TrainedModel status for ``parsed`` given the registry's status of the model (or why it was refused).
 
@@ -102,12 +102,10 @@ def desired_status(*, parsed: Parsed, model: dict[str, Any] | None, refusal: str
     elif model is None:
         conditions["ModelLoaded"] = _condition("ModelLoaded", None, "Pending", "waiting for the registry")
     else:
-        state = model["state"]
-        if state == "READY":
-            pass
-        elif state == "FAILED":
-            conditions["ModelLoaded"] = _condition("ModelLoaded", False, "ModelLoadFailed", model.get("reason", ""))
-        else:
+        state = model.state.value
+        if model.state is ModelState.FAILED:
+            conditions["ModelLoaded"] = _condition("ModelLoaded", False, "ModelLoadFailed", model.reason)
+        elif model.state is not ModelState.READY:
             conditions["ModelLoaded"] = _condition("ModelLoaded", False, state.capitalize(),
                                                    f"model is {state.lower()}")
     others = [c for k, c in conditions.items() if k != "Ready"]
