@@ -84,6 +84,7 @@ class ArtifactAgent:
         self._current: dict[str, str] = {}
         self._known: set[str] = set()
         self._removing: dict[str, asyncio.Task] = {}
+        self._cache_bytes: int | None = None  # bytes of complete entries as last counted (None: not yet)
         self._active = 0
         self._stats = dict.fromkeys(
             ("downloads_started", "downloads_completed", "bytes", "peak_concurrent", "cache_hits",
@@ -197,13 +198,16 @@ class ArtifactAgent:
             if not self._in_use(key):
                 self._known.discard(key)
                 await self._remove(key)
+        quota = self._settings.artifact_cache_bytes
+        if self._cache_bytes is not None and self._cache_bytes <= quota:
+            return  # counted under the quota, plus what was downloaded since: no need to list the disk
         entries = await asyncio.to_thread(self._usage)
-        total = sum(size for _, _, size in entries)
-        for _, key, size in sorted(entries):
-            if total <= self._settings.artifact_cache_bytes:
+        self._cache_bytes = sum(size for _, _, size in entries)
+        for _, key, _ in sorted(entries):
+            if self._cache_bytes <= quota:
                 break
-            if not self._in_use(key) and await self._remove(key):
-                total -= size
+            if not self._in_use(key):
+                await self._remove(key)
 
     async def _remove(self, key: str) -> bool:
         if self._in_use(key):  # checked and registered with no await between: no fetch can slip in
@@ -214,10 +218,13 @@ class ArtifactAgent:
             removed = await task
         finally:
             del self._removing[key]
-        if removed:
-            self._stats["entries_removed"] += 1
-            logger.info("removed cached artifact %s", key)
-        return removed
+        if removed is None:
+            return False
+        self._stats["entries_removed"] += 1
+        if self._cache_bytes is not None:
+            self._cache_bytes -= removed
+        logger.info("removed cached artifact %s (%d bytes)", key, removed)
+        return True
 
     def _usage(self) -> list[tuple[int, str, int]]:
         """(last fetch in ns, digest, bytes) of every complete entry; clears leftovers of removals."""
@@ -287,6 +294,8 @@ class ArtifactAgent:
         cached = result["cached"]
         self._stats["cache_hits" if cached else "downloads_completed"] += 1
         self._stats["bytes"] += 0 if cached else result["bytes"]
+        if not cached and self._cache_bytes is not None:
+            self._cache_bytes += result["bytes"]
         for name in self._names.get(key, ()):
             logger.info("model %s: artifact ready at %s (%d bytes, %.3fs, cached=%s)",
                         name, result["local_path"], result["bytes"], seconds, cached)
@@ -333,18 +342,20 @@ class ArtifactAgent:
             _touch(entry / MARKER)
             return {**marker, "local_path": str(path), "cached": False}
 
-    def _remove_entry(self, entry: Path) -> bool:
-        """Thread body: remove ``entry`` unless another process holds its lock (it is filling it)."""
+    def _remove_entry(self, entry: Path) -> int | None:
+        """Thread body: remove ``entry`` unless another process holds its lock (it is filling it). Returns
+        the bytes its marker counted (0 for an incomplete entry), ``None`` when nothing was removed."""
         if not entry.exists():
-            return False
+            return None
         with _locked(entry / ".lock", wait=False) as held:
             if not held:
-                return False
+                return None
+            marker = _read_marker(entry)
             (entry / MARKER).unlink(missing_ok=True)  # first: a half-removed entry never looks complete
             trash = entry.with_name(f".evicted-{entry.name}-{uuid.uuid4().hex[:8]}")
             os.replace(entry, trash)
         shutil.rmtree(trash, ignore_errors=True)
-        return True
+        return int(marker.get("bytes", 0)) if marker else 0
 
     # -- events ----------------------------------------------------------------------------------------------
 
