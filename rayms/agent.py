@@ -12,7 +12,8 @@ Cache layout, per node, keyed by :meth:`ModelSpec.digest` so a restarted agent o
 reuses a finished download::
 
     <cache_dir>/artifacts/<digest>/model        the artifact (file or folder), renamed into place
-    <cache_dir>/artifacts/<digest>/.complete    JSON {uri, path, bytes, seconds, completed_at}, written last
+    <cache_dir>/artifacts/<digest>/.complete    JSON {uri, path, bytes, seconds, completed_at[, sha256]},
+                                                written last; its modification time is the last fetch
     <cache_dir>/artifacts/<digest>/.lock        flock held while filling the entry (agents in two processes)
 
 What stays in the cache, and for how long (the disk quota is ``artifact_cache_bytes``):
