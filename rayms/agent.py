@@ -331,7 +331,8 @@ class ArtifactAgent:
             for leftover in entry.glob(".model*"):  # of an attempt killed mid-way; the lock says none runs now
                 shutil.rmtree(leftover, ignore_errors=True)
             started = time.monotonic()
-            path = storage.fetch(uri, entry / "model", settings=self._settings, cancel=cancel, sha256=spec.sha256)
+            path = storage.fetch(uri, entry / "model", settings=self._settings, cancel=cancel,
+                                 sha256=spec.sha256)
             size = sum(f.stat().st_size for f in [path, *path.rglob("*")] if f.is_file())
             marker = {"uri": uri, "path": str(path.relative_to(entry)), "bytes": size,
                       "seconds": round(time.monotonic() - started, 3), "completed_at": time.time()}

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,8 @@ MAX_LATENCY_MS = 1000.0
 GATHER_TURNS = 4  # event-loop turns a batch keeps gathering while requests are still arriving
 
 Predict = Callable[[list[np.ndarray], Mapping[str, Any], "Sequence[str] | None", "Sequence[str] | None"],
-                   dict[str, np.ndarray]]
+                   Awaitable[dict[str, np.ndarray]]]
+"""One predict call of the model (the host runs it off the event loop, with a deadline)."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class _Waiting:
 
 class Batcher:
     """Batches the predict calls of one loaded model (see the module's description). Not thread-safe: all
-    calls come from the replica's event loop."""
+    calls come from the replica's event loop (the predict calls themselves may run elsewhere)."""
 
     def __init__(self, predict: Predict, policy: BatchPolicy) -> None:
         self._predict = predict
@@ -92,7 +93,7 @@ class Batcher:
         key = _batch_key(inputs, parameters, requested, input_names)
         rows = inputs[0].shape[0] if key is not None else 0
         if key is None or rows >= self._policy.max_batch_size:
-            return self._predict(inputs, parameters, requested, input_names)
+            return await self._predict(inputs, parameters, requested, input_names)
         loop = asyncio.get_running_loop()
         waiting = _Waiting(inputs=inputs, rows=rows, future=loop.create_future())
         queue = self._queues.get(key)
@@ -118,7 +119,7 @@ class Batcher:
                         break
                     batch.append(waiting)
                     rows += waiting.rows
-                self._run(batch, parameters, requested, input_names)
+                await self._run(batch, parameters, requested, input_names)
                 rest = queue[len(batch):]
                 if not rest:
                     return
@@ -151,14 +152,14 @@ class Batcher:
             seen = len(queue)
             await asyncio.sleep(0)
 
-    def _run(self, batch: list[_Waiting], parameters: Mapping[str, Any], requested: Sequence[str] | None,
-             input_names: Sequence[str] | None) -> None:
+    async def _run(self, batch: list[_Waiting], parameters: Mapping[str, Any], requested: Sequence[str] | None,
+                   input_names: Sequence[str] | None) -> None:
         live = [w for w in batch if not w.future.done()]  # a client that went away is not predicted for
         if len(live) > 1:
             total = sum(w.rows for w in live)
             try:
                 stacked = [np.concatenate([w.inputs[i] for w in live]) for i in range(len(live[0].inputs))]
-                outputs = self._predict(stacked, parameters, requested, input_names)
+                outputs = await self._predict(stacked, parameters, requested, input_names)
                 if any(np.ndim(v) == 0 or len(v) != total for v in outputs.values()):
                     raise ValueError("outputs do not have one row per input row")
             except Exception as exc:
@@ -174,9 +175,13 @@ class Batcher:
                 return
         for waiting in live:
             try:
-                waiting.future.set_result(self._predict(waiting.inputs, parameters, requested, input_names))
+                result = await self._predict(waiting.inputs, parameters, requested, input_names)
             except Exception as exc:
-                waiting.future.set_exception(exc)
+                if not waiting.future.done():
+                    waiting.future.set_exception(exc)
+            else:
+                if not waiting.future.done():
+                    waiting.future.set_result(result)
 
 
 def _batch_key(inputs: list[np.ndarray], parameters: Mapping[str, Any], requested: Sequence[str] | None,

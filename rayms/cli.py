@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -36,7 +38,8 @@ def serve_settings(args: argparse.Namespace):
              "model_repository": args.model_repository, "models_file": args.models_file, "state_uri": args.state_uri,
              "cache_dir": args.cache_dir, "namespace": args.namespace, "inference_service": args.inference_service,
              "kubeconfig": args.kubeconfig, "kubernetes": args.kubernetes or None,
-             "kserve_compat": args.kserve_compat or None}
+             "kserve_compat": args.kserve_compat or None, "allow_storage": args.allow_storage,
+             "control_token_file": args.control_token_file, "model_control": args.model_control}
     overrides: dict[str, Any] = {field: value for field, value in flags.items() if value not in (None, "")}
     if args.replica_memory:
         try:
@@ -72,7 +75,10 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     base = f"http://{settings.host}:{settings.port}"
-    _wait_for_models(base, stop)
+    control = settings.control_token.get_secret_value() if settings.control_token else None
+    if control is None and settings.control_token_file:
+        control = Path(settings.control_token_file).expanduser().read_text().strip()
+    _wait_for_models(base, stop, control)
     if not stop.is_set():
         if args.demo:
             from rayms.demo import print_demo_commands
@@ -86,13 +92,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_for_models(base: str, stop: threading.Event, timeout_s: float = 300.0) -> None:
+def _wait_for_models(base: str, stop: threading.Event, token: str | None, timeout_s: float = 300.0) -> None:
     """Wait until every model registered at start is READY or FAILED (or ``stop``), then print their states."""
     deadline = time.monotonic() + timeout_s
     rows: list[dict[str, Any]] = []
     while time.monotonic() < deadline and not stop.is_set():
         try:
-            rows = requests.post(f"{base}/v2/repository/index", timeout=10).json()
+            rows = requests.post(f"{base}/v2/repository/index", timeout=10, headers=_auth(token)).json()
         except (requests.RequestException, ValueError):
             rows = []
         if isinstance(rows, list) and all(r.get("state") in ("READY", "FAILED") for r in rows):
@@ -103,9 +109,20 @@ def _wait_for_models(base: str, stop: threading.Event, timeout_s: float = 300.0)
         print(f"  model {row['name']}: {row.get('state')}{reason}", flush=True)
 
 
-def _request(method: str, url: str, body: Any = None) -> Any:
+def _auth(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _client_token(args: argparse.Namespace) -> str | None:
+    """The bearer token a client command sends: --token-file, else RAYMS_CONTROL_TOKEN."""
+    if getattr(args, "token_file", None):
+        return Path(args.token_file).expanduser().read_text().strip()
+    return os.environ.get("RAYMS_CONTROL_TOKEN") or None
+
+
+def _request(method: str, url: str, body: Any = None, token: str | None = None) -> Any:
     try:
-        response = requests.request(method, url, json=body, timeout=660)
+        response = requests.request(method, url, json=body, timeout=660, headers=_auth(token))
     except requests.ConnectionError as exc:
         raise SystemExit(f"error: cannot reach {url}: {exc}") from exc
     try:
@@ -120,7 +137,7 @@ def _request(method: str, url: str, body: Any = None) -> Any:
 def _models(args: argparse.Namespace) -> int:
     base = args.url.rstrip("/")
     if args.action == "list":
-        rows = _request("POST", f"{base}/v2/repository/index", {})
+        rows = _request("POST", f"{base}/v2/repository/index", {}, _client_token(args))
         if args.json:
             print(json.dumps(rows, indent=2))
             return 0
@@ -139,9 +156,11 @@ def _models(args: argparse.Namespace) -> int:
         parameters = {"max_batch_size": args.max_batch_size} if args.max_batch_size else None
         body = {k: v for k, v in {"storageUri": args.storage_uri, "framework": args.framework,
                                   "memory": args.memory, "parameters": parameters}.items() if v}
-        print(json.dumps(_request("POST", f"{base}/v2/repository/models/{args.name}/load", body or None)))
+        print(json.dumps(_request("POST", f"{base}/v2/repository/models/{args.name}/load", body or None,
+                                  _client_token(args))))
     else:
-        print(json.dumps(_request("POST", f"{base}/v2/repository/models/{args.name}/unload")))
+        print(json.dumps(_request("POST", f"{base}/v2/repository/models/{args.name}/unload", None,
+                                  _client_token(args))))
     return 0
 
 
@@ -149,12 +168,13 @@ def _predict(args: argparse.Namespace) -> int:
     base = args.url.rstrip("/")
     rows = json.loads(args.data)
     if args.protocol == "v1":
-        print(json.dumps(_request("POST", f"{base}/v1/models/{args.name}:predict", {"instances": rows})))
+        print(json.dumps(_request("POST", f"{base}/v1/models/{args.name}:predict", {"instances": rows},
+                                  _client_token(args))))
         return 0
     flat = [x for row in rows for x in (row if isinstance(row, list) else [row])]
     shape = [len(rows), len(rows[0])] if rows and isinstance(rows[0], list) else [len(rows)]
     body = {"inputs": [{"name": "input-0", "shape": shape, "datatype": "FP64", "data": flat}]}
-    print(json.dumps(_request("POST", f"{base}/v2/models/{args.name}/infer", body)))
+    print(json.dumps(_request("POST", f"{base}/v2/models/{args.name}/infer", body, _client_token(args))))
     return 0
 
 
@@ -192,6 +212,12 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--inference-service", help="serve TrainedModels whose spec.inferenceService is this")
     serve.add_argument("--kubeconfig", help="kubeconfig path (default: $KUBECONFIG or ~/.kube/config)")
     serve.add_argument("--kserve-compat", action="store_true", help="watch serving.kserve.io TrainedModels")
+    serve.add_argument("--allow-storage", action="append", dest="allow_storage", metavar="PREFIX",
+                       help="a storage prefix models may come from (repeatable), e.g. s3://models/")
+    serve.add_argument("--control-token-file", help="file holding the control API's bearer token "
+                                                    "(or set RAYMS_CONTROL_TOKEN)")
+    serve.add_argument("--model-control", choices=["api", "none"],
+                       help="none: serve only what the repository, models file or TrainedModels declare")
     serve.set_defaults(func=_serve)
 
     models = commands.add_parser("models", help="list, load or unload models of a running server")
@@ -203,6 +229,7 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--max-batch-size", type=int, help="let this model batch waiting requests, up to N rows")
     models.add_argument("--json", action="store_true", help="print raw JSON")
     models.add_argument("--url", default=DEFAULT_URL)
+    models.add_argument("--token-file", help="file holding the control token (default: $RAYMS_CONTROL_TOKEN)")
     models.set_defaults(func=_models)
 
     predict = commands.add_parser("predict", help="send rows to a model of a running server")
@@ -210,11 +237,15 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--data", required=True, help="JSON rows, e.g. '[[5.1, 3.5, 1.4, 0.2]]'")
     predict.add_argument("--protocol", choices=["v1", "v2"], default="v2")
     predict.add_argument("--url", default=DEFAULT_URL)
+    predict.add_argument("--token-file", help="file holding the token (default: $RAYMS_CONTROL_TOKEN)")
     predict.set_defaults(func=_predict)
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rayms.redact import install_log_redaction
+
+    install_log_redaction()
     args = parser().parse_args(argv)
     return args.func(args)
 

@@ -20,7 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rayms.errors import InvalidMemory, InvalidSpec, UnsupportedFramework
@@ -258,7 +258,26 @@ class Settings(BaseSettings):
     """Time limit of one download attempt."""
 
     load_timeout_s: float = Field(default=600.0, gt=0)
-    """Time a replica has to fetch and load a model before the model is FAILED."""
+    """Time a replica has to fetch and load a model (one attempt). A repository load waits this long (plus
+    a second) for READY or FAILED; a wait that runs out is an error (504), never a success."""
+
+    load_attempts: PositiveInt = 3
+    """Attempts per load when it fails for a transient reason (the replica died or restarted mid-load, or
+    never answered); permanent failures (a bad artifact, an unknown framework) are not retried."""
+
+    load_backoff_s: float = Field(default=1.0, gt=0)
+    """Pause before the second load attempt; doubles on each further one, at most 30 s."""
+
+    predict_timeout_s: float = Field(default=30.0, gt=0)
+    """Longest one predict call may run; its request is answered 504 then (the call itself cannot be
+    stopped and keeps one of its model's threads until it ends)."""
+
+    predict_threads: PositiveInt = 4
+    """Threads per replica that run predict calls (off the event loop); one model may use at most half."""
+
+    quarantine_after: PositiveInt = 3
+    """A model whose predict calls overrun ``predict_timeout_s`` this many times in a row is FAILED
+    (quarantined) until it is loaded again."""
 
     max_download_bytes: PositiveInt = 4 * 2**30
     """Largest artifact one download may bring (all objects of a folder together); refused before reading
@@ -279,7 +298,7 @@ class Settings(BaseSettings):
 
     allow_private_http: bool = False
     """Let http(s) downloads connect to private, link-local and other non-public addresses (loopback is
-    allowed anyway when ``host`` is loopback)."""
+    allowed anyway when ``host`` is loopback and ``trust_loopback`` holds)."""
 
     max_request_bytes: PositiveInt = 64 * 2**20
     """Largest request body accepted (413 beyond)."""
@@ -294,6 +313,45 @@ class Settings(BaseSettings):
     max_batch_latency_ms: float = Field(default=0.0, ge=0, le=1000)
     """Default for models whose parameters do not say (``max_batch_latency_ms``): how long the first request
     of a batch may wait for others. 0 batches only requests that are already waiting."""
+
+    trust_loopback: bool = True
+    """Trust every caller of a server bound to loopback (they are this machine's users). Turn it off when
+    something forwards other people's traffic to a loopback port (a reverse proxy, a port-forward)."""
+
+    control_token: SecretStr | None = None
+    """Bearer token the control API (load, unload, index, listings) requires when set (a secret:
+    ``RAYMS_CONTROL_TOKEN``). Without one, the control API answers only on a loopback bind."""
+
+    control_token_file: str | None = None
+    """A file holding the control token, e.g. a mounted Kubernetes Secret (read when the server starts)."""
+
+    inference_token: SecretStr | None = None
+    """Bearer token inference and model metadata require when set (a secret: ``RAYMS_INFERENCE_TOKEN``);
+    the control token is accepted too."""
+
+    inference_token_file: str | None = None
+    """A file holding the inference token."""
+
+    model_control: Literal["api", "none"] = "api"
+    """``none``: the repository API cannot load or unload models; the server serves what its repository,
+    models file or TrainedModels declare (Triton's ``--model-control-mode=none``)."""
+
+    allow_storage: list[str] = Field(default_factory=list)
+    """Storage prefixes models may come from (``s3://models/``, ``pvc://models/``, a local folder), besides
+    the model repository and the pvc root. Enforced on a non-loopback bind, and on any bind once set."""
+
+    max_control_in_flight: PositiveInt = 256
+    """Control requests (loads wait for READY) one replica holds at once; more get 503."""
+
+    max_json_bytes: PositiveInt = 8 * 2**20
+    """Largest JSON inference body (413 beyond); bodies with binary tensors may be up to
+    ``max_request_bytes``. JSON tensors take several times their size in memory once decoded."""
+
+    max_buffered_bytes: PositiveInt = 256 * 2**20
+    """Request bytes one replica holds at once across every request it is reading; beyond, 503."""
+
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    """Time a client has to send its whole request body (408 beyond)."""
 
     kubernetes: bool = False
     """Run the TrainedModel bridge inside the application."""
@@ -310,6 +368,18 @@ class Settings(BaseSettings):
     kubeconfig: str | None = None
     """Path to a kubeconfig when running outside the cluster."""
 
+    bridge_request_timeout_s: float = Field(default=10.0, gt=0)
+    """Time limit to connect and to read an answer, on every Kubernetes API call of the bridge. A watch may
+    stay silent for ``bridge_watch_timeout_s`` plus this before its connection is taken for dead and replaced."""
+
+    bridge_watch_timeout_s: PositiveInt = 60
+    """How long the API server keeps one watch open (``timeoutSeconds``) before the bridge watches again."""
+
+    bridge_stale_after_s: float = Field(default=180.0, gt=0)
+    """Liveness bound of the bridge: when its watch has had no list, event or bookmark for this long, its
+    health check fails and Serve restarts it. Must exceed ``bridge_watch_timeout_s + bridge_request_timeout_s``,
+    the longest a healthy but quiet watch stays silent."""
+
     status_protocol: Literal["v1", "v2"] = "v2"
     """Which predict path a TrainedModel's ``status.url`` points at."""
 
@@ -318,6 +388,14 @@ class Settings(BaseSettings):
 
     cluster_url: str | None = None
     """Base URL inside the cluster (``status.address.url``); default: ``http://<inferenceService>-serve-svc.<ns>.svc.cluster.local:8000``."""
+
+    @model_validator(mode="after")
+    def _stale_bound_above_a_quiet_watch(self) -> "Settings":
+        quiet = self.bridge_watch_timeout_s + self.bridge_request_timeout_s
+        if self.bridge_stale_after_s <= quiet:
+            raise ValueError(f"bridge_stale_after_s ({self.bridge_stale_after_s}) must exceed bridge_watch_timeout_s "
+                             f"+ bridge_request_timeout_s ({quiet}): a healthy watch may be silent that long")
+        return self
 
     def resolved_state_uri(self) -> str:
         """``state_uri``, or the default: one file per (app name, port, model repository, models file)."""

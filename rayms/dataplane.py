@@ -42,8 +42,8 @@ class Models(Protocol):
 class Control(Protocol):
     """The control calls: the registry (load, unregister) and the replicas' census."""
 
-    async def load(self, name: str, spec: ModelSpec, source: Source) -> ModelStatus: ...
-    async def unregister(self, name: str, source: Source | None = None) -> None: ...
+    async def load(self, name: str, spec: ModelSpec, source: Source, *, force: bool = False) -> ModelStatus: ...
+    async def unregister(self, name: str, source: Source | None = None, *, force: bool = False) -> None: ...
     async def replicas(self) -> list[ReplicaReport]: ...
 
 
@@ -130,12 +130,14 @@ class DataPlane:
         models = self._view.models
         return [models[name] for name in sorted(models) if not ready_only or models[name].ready]
 
-    async def load(self, name: str, body: dict[str, Any] | None, *, source: Source = Source.API) -> ModelStatus:
+    async def load(self, name: str, body: dict[str, Any] | None, *, source: Source = Source.API,
+                   force: bool = False) -> ModelStatus:
         """Register ``name`` and wait until it is READY (200) or FAILED (error), like Triton's load; a wait
-        longer than ``load_timeout_s`` is :class:`~rayms.errors.LoadTimedOut`."""
+        longer than ``load_timeout_s`` is :class:`~rayms.errors.LoadTimedOut`. A model a TrainedModel
+        declares is replaced only with ``force``."""
         validate_model_name(name)
         spec = self._spec_for(name, body)
-        status = await self._control.load(name, spec, source)
+        status = await self._control.load(name, spec, source, force=force)
         # The view's long poll may answer after the load settled: take the status now, so the caller's next request
         # sees the model (a full refresh per load would cost a copy of every changed model, per load).
         self._view.note(status)
@@ -143,13 +145,14 @@ class DataPlane:
             raise ModelLoadFailed(f"model {name} failed to load: {status.reason}")
         return status
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, *, force: bool = False) -> None:
+        """Unregister ``name``; a model a TrainedModel declares is removed only with ``force``."""
         validate_model_name(name)
         if name not in self._view.models:
             await self._view.refresh()
         if name not in self._view.models:
             raise ModelNotFound(name)
-        await self._control.unregister(name)
+        await self._control.unregister(name, force=force)
         self._view.forget(name)
 
     def _spec_for(self, name: str, body: dict[str, Any] | None) -> ModelSpec:

@@ -136,3 +136,34 @@ class ModelLoadFailed(RaymsError):
     """A repository load ended FAILED. The repository extension answers load failures with 400."""
 
     status_code = 400
+
+
+class PredictTimedOut(RaymsError):
+    """A predict call ran longer than ``predict_timeout_s``; the request is answered without waiting for it."""
+
+    status_code = 504
+
+
+class Unauthorized(RaymsError):
+    """The request needs a credential it did not carry (or carried a wrong one)."""
+
+    status_code = 401
+
+
+class Forbidden(RaymsError):
+    """The request is understood and refused on this server: a storage location outside what is allowed,
+    or loading through the API with the control API off."""
+
+    status_code = 403
+
+
+class Conflict(RaymsError):
+    """The model belongs to another owner (a TrainedModel) and the request did not force the change."""
+
+    status_code = 409
+
+
+class RequestTimeout(RaymsError):
+    """The client did not send its whole request body in time."""
+
+    status_code = 408

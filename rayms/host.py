@@ -25,6 +25,7 @@ from rayms.batching import Batcher, BatchPolicy, split_parameters
 from rayms.codecs import InferRequest, InferResult, Tensor
 from rayms.config import ModelSpec, Settings
 from rayms.errors import ModelNotFound, ModelNotReady
+from rayms.isolation import PredictRunner
 from rayms.model_cache import LoadedModel, ModelCache
 from rayms.status import LoadReport, ModelState, ReplicaReport
 from rayms.view import RegistryView
@@ -56,6 +57,9 @@ class RegistryReporter(Protocol):
 
     def residency(self, replica: str, loaded: list[str], evicted: list[str]) -> None:
         """The models this replica holds changed."""
+
+    def failed(self, name: str, version: int, reason: str) -> None:
+        """The model at ``version`` must not serve any more (quarantined here)."""
 
 
 class Telemetry(Protocol):
@@ -95,6 +99,8 @@ class ModelHost:
                                           max_latency_s=settings.max_batch_latency_ms / 1000)
         self._cache = ModelCache(max_models=settings.max_models_per_replica, budget_bytes=settings.replica_memory_bytes,
                                  load_fn=self._load_runtime, on_change=self._resident_changed)
+        self._runner = PredictRunner(threads=settings.predict_threads, timeout_s=settings.predict_timeout_s,
+                                     quarantine_after=settings.quarantine_after, on_quarantine=self._quarantine)
         view.add_listener(self._registry_changed)
         self._routing_dirty = True
         self._pusher: asyncio.Task | None = None
@@ -111,6 +117,7 @@ class ModelHost:
         if self._pusher is not None:
             self._pusher.cancel()
         await self._view.stop()
+        self._runner.close()
 
     # ---------------------------------------------------------------- serving
     async def infer(self, name: str, request: InferRequest) -> InferResult:
@@ -123,7 +130,9 @@ class ModelHost:
         if model.batcher:
             outputs = await model.batcher.predict(inputs, request.parameters, requested, input_names)
         else:
-            outputs = model.runtime.predict(inputs, request.parameters, requested=requested, input_names=input_names)
+            runtime, parameters = model.runtime, request.parameters
+            outputs = await self._runner.run(name, lambda: runtime.predict(
+                inputs, parameters, requested=requested, input_names=input_names))
         self._telemetry.observe_request(name, time.perf_counter() - started)
         return InferResult(outputs=[Tensor.from_numpy(k, v) for k, v in outputs.items()],
                            model_version=str(model.version))
@@ -136,9 +145,13 @@ class ModelHost:
         policy, _ = split_parameters(model.spec.parameters, self._batch_default)
         if not policy.enabled:
             return False
-        runtime = model.runtime
-        return Batcher(lambda inputs, parameters, requested, input_names: runtime.predict(
-            inputs, parameters, requested=requested, input_names=input_names), policy)
+        runtime, name, runner = model.runtime, model.name, self._runner
+
+        async def predict(inputs, parameters, requested, input_names):
+            return await runner.run(name, lambda: runtime.predict(
+                inputs, parameters, requested=requested, input_names=input_names))
+
+        return Batcher(predict, policy)
 
     async def _model(self, name: str) -> LoadedModel:
         status = self._view.models.get(name)
@@ -150,6 +163,7 @@ class ModelHost:
                 raise ModelNotFound(name)
         if status.state is ModelState.UNLOADING or status.spec is None:
             raise ModelNotReady(name, status.state.value, status.reason)
+        self._runner.check(name)
         # The hot path: a resident, current model is served as it is.
         model = self._cache.hit(name, status.version)
         if model is not None:
@@ -159,6 +173,7 @@ class ModelHost:
     # ---------------------------------------------------------------- control
     async def load_model(self, name: str, spec: ModelSpec, version: int) -> LoadReport:
         """Load ``name`` here (the registry asks); report what it costs."""
+        self._runner.forget(name)  # loaded again: a quarantine ends
         model = await self._cache.load(name, spec, version)
         try:
             metadata = _tensor_metadata(model)
@@ -210,6 +225,13 @@ class ModelHost:
         self._telemetry.count_load(name, ok=True, seconds=time.perf_counter() - started)
         logger.info("model %s: version %d loaded on replica %s", name, version, self.replica_id)
         return runtime, frameworks.measure_size(runtime)
+
+    def _quarantine(self, name: str, reason: str) -> None:
+        model = self._cache.peek(name)
+        status = self._view.models.get(name)
+        version = model.version if model is not None else status.version if status is not None else 0
+        self._cache.unload(name)
+        self._reporter.failed(name, version, reason)
 
     def _resident_changed(self, loaded: list[str], evicted: list[str]) -> None:
         self._routing_dirty = True

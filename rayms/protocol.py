@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rayms.redact import redact
 from rayms.status import ModelState, ModelStatus, ReplicaReport, Source
 
 Parameters = dict[str, Any]
@@ -195,8 +196,8 @@ class RepositoryIndexItem(WireModel):
     @classmethod
     def from_status(cls, status: ModelStatus) -> RepositoryIndexItem:
         return cls(
-            name=status.name, version=str(status.version), state=status.state.value, reason=status.reason,
-            framework=status.framework, storage_uri=status.storage_uri, source=status.source.value,
+            name=status.name, version=str(status.version), state=status.state.value, reason=redact(status.reason),
+            framework=status.framework, storage_uri=redact(status.storage_uri), source=status.source.value,
             declared_memory=status.declared_bytes, measured_memory=status.measured_bytes,
             load_time_s=status.load_time_s, replicas=list(status.replicas),
             updated_at=datetime.fromtimestamp(status.updated_at, timezone.utc).isoformat(timespec="milliseconds"),

@@ -9,6 +9,7 @@ here knows about Ray.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -22,9 +23,11 @@ from starlette.requests import ClientDisconnect
 from rayms.codecs import (
     InferRequest, InferResult, Tensor, decode_v1_request, decode_v2_request, encode_v1_response, encode_v2_response,
 )
+from rayms.access import CHANGE, CONTROL, AccessPolicy, route_kind
 from rayms.config import Settings
 from rayms.dataplane import DataPlane, naming_model
-from rayms.errors import InvalidInput, Overloaded, PayloadTooLarge, RaymsError
+from rayms.errors import InvalidInput, Overloaded, PayloadTooLarge, RaymsError, RequestTimeout
+from rayms.redact import redact
 from rayms.protocol import RepositoryIndexItem, replica_entry
 
 logger = logging.getLogger("rayms.router")
@@ -53,32 +56,55 @@ def error_response(exc: BaseException, request: Request | None = None) -> Respon
     if error.status_code >= 500 and not isinstance(error, Overloaded):
         logger.error("request failed: %s", error, exc_info=exc)
     headers = {"retry-after": "1"} if error.status_code == 503 else None
-    return Response(orjson.dumps({"error": str(error)}), status_code=error.status_code, media_type=JSON,
+    if error.status_code == 401:
+        headers = {"www-authenticate": 'Bearer realm="rayms"'}
+    return Response(orjson.dumps({"error": redact(str(error))}), status_code=error.status_code, media_type=JSON,
                     headers=headers)
 
 
-async def receive_body(scope: dict, receive: Any, limit: int) -> bytes:
-    """The request body straight from ASGI, refusing more than ``limit`` bytes without reading it all;
-    raises Starlette's ``ClientDisconnect`` when the client goes away first."""
-    for key, value in scope["headers"]:
-        if key == b"content-length" and value.isdigit() and int(value) > limit:
-            raise PayloadTooLarge(f"request body of {value.decode()} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+class Limits:
+    """The bounds on reading request bodies, shared by every request of one replica: the largest body (JSON
+    bodies smaller, bodies with binary tensors up to ``max_request_bytes``), the time a client has to send it,
+    and the bytes the replica holds across all bodies being read at once."""
 
+    def __init__(self, settings: Settings) -> None:
+        self.max_bytes = settings.max_request_bytes
+        self.max_json_bytes = min(settings.max_json_bytes, settings.max_request_bytes)
+        self.timeout_s = settings.body_timeout_s
+        self.max_buffered = settings.max_buffered_bytes
+        self.buffered = 0
 
-async def read_body(request: Request, limit: int) -> bytes:
-    return await receive_body(request.scope, request.receive, limit)
+    async def read(self, scope: dict, receive: Any, limit: int | None = None) -> bytes:
+        """The request body straight from ASGI, refusing more than ``limit`` bytes without reading it all;
+        raises Starlette's ``ClientDisconnect`` when the client goes away first."""
+        limit = self.max_json_bytes if limit is None else limit
+        for key, value in scope["headers"]:
+            if key == b"content-length" and value.isdigit() and int(value) > limit:
+                raise PayloadTooLarge(f"request body of {value.decode()} bytes exceeds the limit of {limit} bytes")
+        held = 0
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                chunks, size = [], 0
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientDisconnect()
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                    if self.buffered + len(chunk) > self.max_buffered:
+                        raise Overloaded(f"this replica holds {self.max_buffered} bytes of request bodies "
+                                         "already; retry shortly")
+                    self.buffered += len(chunk)
+                    held += len(chunk)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        except TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {self.timeout_s:g}s") from None
+        finally:
+            self.buffered -= held
 
 
 def _json(content: Any, status_code: int = 200) -> Response:
@@ -99,7 +125,7 @@ def _parse_json_object(body: bytes, what: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ route tables
-def add_v1_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
+def add_v1_routes(api: FastAPI, plane: DataPlane, limits: Limits) -> None:
     """KServe V1: list, readiness, ``:predict``."""
 
     @api.get("/")
@@ -122,11 +148,11 @@ def add_v1_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
     @api.post("/v1/models/{name}:predict")
     async def v1_predict(name: str, request: Request) -> Response:
         """Served by :class:`GuardMiddleware` before routing; declared here for the OpenAPI schema."""
-        body, headers = await serve_inference(plane, ("v1", name, None), request.scope, request.receive, limit)
+        body, headers = await serve_inference(plane, ("v1", name, None), request.scope, request.receive, limits)
         return Response(body, headers=headers)
 
 
-def add_v2_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
+def add_v2_routes(api: FastAPI, plane: DataPlane, limits: Limits) -> None:
     """Open Inference Protocol V2: health, metadata, readiness, inference (JSON and binary tensors)."""
 
     @api.get("/v2/health/live")
@@ -167,7 +193,7 @@ def add_v2_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
     async def infer(name: str, request: Request, model_version: str | None = None) -> Response:
         """Served by :class:`GuardMiddleware` before routing; declared here for the OpenAPI schema."""
         route = ("v2", name, model_version)
-        body, headers = await serve_inference(plane, route, request.scope, request.receive, limit)
+        body, headers = await serve_inference(plane, route, request.scope, request.receive, limits)
         return Response(body, headers=headers)
 
 
@@ -195,18 +221,19 @@ def inference_route(scope: dict) -> Route | None:
 
 
 async def serve_inference(plane: DataPlane, route: Route, scope: dict, receive: Any,
-                          limit: int) -> tuple[bytes, dict[str, str]]:
+                          limits: Limits) -> tuple[bytes, dict[str, str]]:
     """Answer one inference request: the response body and its headers."""
     protocol, name, model_version = route
     plane.status(name, model_version)  # an unknown model or version is 404 whatever the body holds
-    raw = await receive_body(scope, receive, limit)
+    header_length = next((v for k, v in scope["headers"] if k == b"inference-header-content-length"), None)
+    # JSON bodies cost several times their size once decoded; binary tensors may be larger.
+    raw = await limits.read(scope, receive, limits.max_bytes if header_length is not None else None)
     if protocol == "v1":
         with naming_model(name):
             tensor = Tensor.from_numpy("input-0", decode_v1_request(raw))
         _, result = await plane.infer(name, InferRequest(id=None, inputs=[tensor]))
         with naming_model(name):
             return encode_v1_response(_first_output(result)), {"content-type": JSON}
-    header_length = next((v for k, v in scope["headers"] if k == b"inference-header-content-length"), None)
     with naming_model(name):
         try:
             header_length_int = int(header_length) if header_length is not None else None
@@ -219,26 +246,28 @@ async def serve_inference(plane: DataPlane, route: Route, scope: dict, receive: 
         return encode_v2_response(model_name=name, model_version=answered, request=infer_request, result=result)
 
 
-def add_repository_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
+def add_repository_routes(api: FastAPI, plane: DataPlane, limits: Limits) -> None:
     """The V2 model repository extension, plus a view of what each replica holds."""
 
     @api.post("/v2/repository/index")
     @api.get("/v2/repository/index")
     async def index(request: Request) -> Response:
-        body = _parse_json_object(await read_body(request, limit), "repository index")
+        body = _parse_json_object(await limits.read(request.scope, request.receive), "repository index")
         statuses = plane.repository_index(ready_only=bool(body.get("ready", False)))
         return _json([RepositoryIndexItem.from_status(status).model_dump() for status in statuses])
 
     @api.post("/v2/repository/models/{name}/load")
     async def load(name: str, request: Request) -> Response:
-        body = _parse_json_object(await read_body(request, limit), f"load {name}")
-        status = await plane.load(name, body or None)
+        body = _parse_json_object(await limits.read(request.scope, request.receive), f"load {name}")
+        force = body.pop("force", False) is True
+        status = await plane.load(name, body or None, force=force)
         return _json({"name": name, "load": True, "state": status.state.value, "version": str(status.version)})
 
     @api.post("/v2/repository/models/{name}/unload")
     async def unload(name: str, request: Request) -> Response:
-        await read_body(request, limit)
-        await plane.unload(name)
+        body = _parse_json_object(await limits.read(request.scope, request.receive), f"unload {name}")
+        force = body.get("force") is True or (body.get("parameters") or {}).get("force") is True
+        await plane.unload(name, force=force)
         return _json({"name": name, "unload": True})
 
     @api.get("/v2/repository/replicas")
@@ -247,25 +276,39 @@ def add_repository_routes(api: FastAPI, plane: DataPlane, limit: int) -> None:
 
 
 class GuardMiddleware:
-    """Plain ASGI in front of FastAPI. Inference requests are answered here, without FastAPI's routing,
-    validation and response objects (a quarter of a replica's CPU per request when they went through it);
-    beyond ``max_in_flight`` of them get 503 with Retry-After at once. Errors raised anywhere become
-    ``{"error"}`` responses.
+    """Plain ASGI in front of FastAPI. Every request is checked against the access rule first
+    (:mod:`rayms.access`). Inference requests are then answered here, without FastAPI's routing, validation
+    and response objects (a quarter of a replica's CPU per request when they went through it); beyond
+    ``max_in_flight`` of them get 503 with Retry-After at once. Control requests have a limit of their own
+    (``max_control_in_flight``), so a load that waits for READY never counts against inference, nor
+    inference against the registry's own calls. Errors raised anywhere become ``{"error"}`` responses."""
 
-    Control and metadata requests are never refused: a load that waits for READY must not count against
-    the inference limit, nor starve the registry's own calls to this replica."""
-
-    def __init__(self, app: Any, plane: DataPlane, max_in_flight: int, max_request_bytes: int) -> None:
+    def __init__(self, app: Any, plane: DataPlane, settings: Settings, limits: Limits) -> None:
         self.app = app
         self.plane = plane
-        self.max_in_flight = max_in_flight
-        self.limit = max_request_bytes
+        self.access = AccessPolicy(settings)
+        self.limits = limits
+        self.max_in_flight = settings.max_ongoing_requests
+        self.max_control = settings.max_control_in_flight
         self.in_flight = 0
+        self.control_in_flight = 0
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        route = inference_route(scope) if scope["type"] == "http" else None
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        kind = route_kind(scope["method"], _path(scope))
+        authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        refusal = self.access.refuse(kind, authorization)
+        if refusal is not None:
+            await error_response(refusal)(scope, receive, send)
+            return
+        route = inference_route(scope)
         if route is None:
-            await self._pass_on(scope, receive, send)
+            if kind in (CONTROL, CHANGE):
+                await self._control(scope, receive, send)
+            else:
+                await self._pass_on(scope, receive, send)
             return
         if self.in_flight >= self.max_in_flight:
             await error_response(Overloaded(
@@ -274,7 +317,7 @@ class GuardMiddleware:
             return
         self.in_flight += 1
         try:
-            body, headers = await serve_inference(self.plane, route, scope, receive, self.limit)
+            body, headers = await serve_inference(self.plane, route, scope, receive, self.limits)
         except ClientDisconnect:
             return
         except Exception as exc:
@@ -287,6 +330,18 @@ class GuardMiddleware:
             *((key.encode(), value.encode()) for key, value in headers.items())]})
         await send({"type": "http.response.body", "body": body})
 
+    async def _control(self, scope: dict, receive: Any, send: Any) -> None:
+        if self.control_in_flight >= self.max_control:
+            await error_response(Overloaded(
+                f"this replica is at its limit of {self.max_control} control requests in flight; retry shortly"
+            ))(scope, receive, send)
+            return
+        self.control_in_flight += 1
+        try:
+            await self._pass_on(scope, receive, send)
+        finally:
+            self.control_in_flight -= 1
+
     async def _pass_on(self, scope: dict, receive: Any, send: Any) -> None:
         started = False
 
@@ -298,9 +353,14 @@ class GuardMiddleware:
         try:
             await self.app(scope, receive, tracked)
         except Exception as exc:
-            if started or scope["type"] != "http":
+            if started:
                 raise
             await error_response(exc)(scope, receive, send)
+
+
+def _path(scope: dict) -> str:
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def build_api(plane: DataPlane, settings: Settings) -> FastAPI:
@@ -308,13 +368,11 @@ def build_api(plane: DataPlane, settings: Settings) -> FastAPI:
     api.add_exception_handler(Exception, lambda _request, exc: error_response(exc))
     api.add_exception_handler(StarletteHTTPException, lambda request, exc: error_response(exc, request))
     api.add_exception_handler(RequestValidationError, lambda _request, exc: error_response(exc))
-    limit = settings.max_request_bytes
-    add_v1_routes(api, plane, limit)
-    add_v2_routes(api, plane, limit)
-    add_repository_routes(api, plane, limit)
-
-    api.add_middleware(GuardMiddleware, plane=plane, max_in_flight=settings.max_ongoing_requests,
-                       max_request_bytes=limit)
+    limits = Limits(settings)
+    add_v1_routes(api, plane, limits)
+    add_v2_routes(api, plane, limits)
+    add_repository_routes(api, plane, limits)
+    api.add_middleware(GuardMiddleware, plane=plane, settings=settings, limits=limits)
     return api
 
 

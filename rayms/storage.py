@@ -19,10 +19,19 @@ Result shape mirrors the URI: a file URI gives a file path, a folder or an archi
 S3 endpoint: ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``, then KServe's ``S3_ENDPOINT`` (host[:port]
 with ``S3_USE_HTTPS=0`` for plain http). Credentials are botocore's usual ``AWS_*`` variables.
 
+GCS: google-auth's usual credentials (``GOOGLE_APPLICATION_CREDENTIALS``, the metadata server). With
+``STORAGE_EMULATOR_HOST`` set, requests go to that emulator without credentials, as Google's own client does,
+and through gcsfs's JSON-API filesystem: its default one first asks a gRPC service for the bucket's layout,
+which emulators do not offer, and waits a minute for it on every call.
+
+Azure Blob: adlfs's ``AZURE_STORAGE_*`` variables (``AZURE_STORAGE_CONNECTION_STRING``, or
+``AZURE_STORAGE_ACCOUNT_NAME`` with a key, SAS token or service principal); a connection string also
+names the endpoint, e.g. an Azurite emulator's.
+
 Limits: a download may bring at most ``max_download_bytes`` (checked against the sizes the server or the
 listing announces before any byte is read, and against the bytes received while reading); archives unpack
 within the limits of :mod:`rayms.archives`; an ``http(s)`` download connects only to public addresses unless
-``allow_private_http`` is set (loopback is also allowed when the server itself binds loopback), checked on
+``allow_private_http`` is set (loopback too when the server binds loopback and trusts it), checked on
 every connection, redirects included. A spec's ``sha256`` is checked against the file the URI names (an
 archive before it is unpacked) before anything becomes visible.
 """
@@ -38,6 +47,7 @@ import shutil
 import socket
 import threading
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
@@ -204,7 +214,7 @@ def _copy_http(job: _Job, *, into: Path) -> str:
     import aiohttp  # present whenever the http backend is; for the per-read timeout
 
     timeout = job.settings.download_timeout_s
-    fs = _filesystem(uri, settings=job.settings, timeout=aiohttp.ClientTimeout(
+    fs = _filesystem(uri, timeout_s=timeout, client_timeout=aiohttp.ClientTimeout(
         total=None, sock_connect=timeout, sock_read=timeout), get_client=_guarded_client(job))
     return _store_file(fs, rpath=uri, name=name, into=into, job=job)
 
@@ -212,7 +222,7 @@ def _copy_http(job: _Job, *, into: Path) -> str:
 def _copy_fs(job: _Job, *, into: Path) -> str:
     """One object or a whole prefix of an object store."""
     uri = job.uri
-    fs = _filesystem(uri, settings=job.settings)
+    fs = _filesystem(uri, timeout_s=job.settings.download_timeout_s)
     root = fs._strip_protocol(uri).rstrip("/")
     if not root:
         raise StorageError(f"{uri}: bad URI: no bucket or container")
@@ -276,8 +286,8 @@ def address_refusal(address: str, *, settings) -> str | None:
 
     Public (globally routable unicast) addresses are always allowed. Every other address (private,
     link-local such as the cloud metadata service at 169.254.169.254, loopback, shared, reserved, multicast)
-    needs ``allow_private_http``; loopback is allowed as well when the server binds loopback, since it then
-    trusts the machine's users already. IPv4 addresses inside IPv6 (``::ffff:a.b.c.d``, NAT64) are judged
+    needs ``allow_private_http``; loopback is allowed as well when the server binds loopback and
+    ``trust_loopback`` holds, since it then trusts the machine's users already. IPv4 addresses inside IPv6 (``::ffff:a.b.c.d``, NAT64) are judged
     as the IPv4 address they carry.
     """
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone ("fe80::1%eth0")
@@ -288,7 +298,7 @@ def address_refusal(address: str, *, settings) -> str | None:
             ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if (ip.is_global and not ip.is_multicast) or settings.allow_private_http:
         return None
-    if ip.is_loopback and is_loopback_host(settings.host):
+    if ip.is_loopback and settings.trust_loopback and _binds_loopback(settings.host):
         return None
     kind = ("a loopback" if ip.is_loopback else "a link-local" if ip.is_link_local else
             "a multicast" if ip.is_multicast else "a private or reserved")
@@ -298,12 +308,13 @@ def address_refusal(address: str, *, settings) -> str | None:
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
-def is_loopback_host(host: str) -> bool:
-    """Whether a bind address is loopback only (``127.0.0.1``, ``::1``, ``localhost``)."""
-    if host == "localhost":
+def _binds_loopback(host: str) -> bool:
+    """Whether a bind address is loopback only (``127.0.0.1``, ``::1``, ``localhost``): the rule of
+    :func:`rayms.access.is_loopback`, which this layer cannot import."""
+    if host in ("localhost", "ip6-localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 
@@ -331,8 +342,28 @@ def _guarded_client(job: _Job):
     return get_client
 
 
-def _filesystem(uri: str, *, settings, timeout=None, get_client=None):
-    """A fresh filesystem per download: no instance shared between threads, no stale endpoint."""
+def remote_filesystem(uri: str, *, env: Mapping[str, str], timeout_s: float):
+    """The fsspec filesystem and path of a remote ``uri``, for callers outside the node agents.
+
+    ``env`` is laid over this process's environment, the way an agent's ``storage_env`` is: for S3 it
+    supplies the endpoint and static credentials (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, ``AWS_REGION``). Other backends read their credentials from
+    the process environment themselves.
+    """
+    try:
+        fs = _filesystem(uri, timeout_s=timeout_s, env={**os.environ, **env}, explicit=env)
+    except StorageError:
+        raise
+    except Exception as exc:  # a backend refusing its options: same classifier as a download
+        raise classify(exc, uri=uri) from exc
+    return fs, fs._strip_protocol(uri)
+
+
+def _filesystem(uri: str, *, timeout_s: float, env: Mapping[str, str] | None = None,
+                explicit: Mapping[str, str] | None = None, client_timeout=None, get_client=None):
+    """A fresh filesystem per call: no instance shared between threads, no stale endpoint. ``env``: where the
+    endpoint comes from (default: this process's environment); ``explicit``: credentials to pass as options;
+    ``get_client``: fsspec's http session factory (:func:`_guarded_client`)."""
     scheme = scheme_of(uri)
     if scheme not in BACKENDS:
         raise StorageError(
@@ -345,28 +376,41 @@ def _filesystem(uri: str, *, settings, timeout=None, get_client=None):
         raise StorageError(f"{scheme}:// needs {package}: pip install 'rayms[{extra}]'") from exc
     options: dict = {"skip_instance_cache": True}
     if protocol == "s3":
-        options.update(_s3_options(settings))
-    if timeout is not None:
-        options["client_kwargs"] = {"timeout": timeout}
+        options.update(_s3_options(os.environ if env is None else env, timeout_s=timeout_s, explicit=explicit or {}))
+    if client_timeout is not None:
+        options.setdefault("client_kwargs", {})["timeout"] = client_timeout
     if get_client is not None:
         options["get_client"] = get_client
+    if protocol == "gcs" and os.environ.get("STORAGE_EMULATOR_HOST", "") not in ("", "default"):
+        from gcsfs.core import GCSFileSystem  # the JSON API only (see the module docstring)
+
+        return GCSFileSystem(token="anon", **options)
     return fsspec.filesystem(protocol, **options)
 
 
-def _s3_options(settings) -> dict:
+# s3fs keyword for each credential variable, taken from an explicit mapping only: without one, botocore
+# reads the same variables (and its other sources: profiles, web identity, instance metadata) itself.
+_S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "token",
+                   "AWS_PROFILE": "profile"}
+
+
+def _s3_options(env: Mapping[str, str], *, timeout_s: float, explicit: Mapping[str, str]) -> dict:
     """Endpoint from the environment (botocore only knows the AWS_* names, KServe used S3_ENDPOINT)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint and os.environ.get("S3_ENDPOINT"):
-        endpoint = os.environ["S3_ENDPOINT"]
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if not endpoint and env.get("S3_ENDPOINT"):
+        endpoint = env["S3_ENDPOINT"]
         if "://" not in endpoint:
-            secure = os.environ.get("S3_USE_HTTPS", "1").lower() not in ("0", "false", "no")
+            secure = env.get("S3_USE_HTTPS", "1").lower() not in ("0", "false", "no")
             endpoint = ("https://" if secure else "http://") + endpoint
-    options: dict = {"config_kwargs": {"connect_timeout": settings.download_timeout_s,
-                                       "read_timeout": settings.download_timeout_s}}
+    options: dict = {"config_kwargs": {"connect_timeout": timeout_s, "read_timeout": timeout_s}}
     if endpoint:
         options["endpoint_url"] = endpoint
-    if os.environ.get("AWS_ANONYMOUS_CREDENTIAL", "").lower() in ("1", "true", "yes"):
+    if env.get("AWS_ANONYMOUS_CREDENTIAL", "").lower() in ("1", "true", "yes"):
         options["anon"] = True
+    options.update({keyword: explicit[name] for name, keyword in _S3_CREDENTIALS.items() if explicit.get(name)})
+    region = explicit.get("AWS_REGION") or explicit.get("AWS_DEFAULT_REGION")
+    if region:
+        options["client_kwargs"] = {"region_name": region}
     return options
 
 
@@ -397,10 +441,12 @@ def classify(exc: BaseException, *, uri: str) -> StorageError:
 
 
 def _status_of(exc: BaseException) -> int | None:
-    """The HTTP status an aiohttp (``status``) or botocore (``response``) error carries, if any."""
-    status = getattr(exc, "status", None)
-    if isinstance(status, int):
-        return status
+    """The HTTP status an aiohttp (``status``), Azure SDK (``status_code``) or botocore (``response``) error
+    carries, if any."""
+    for attribute in ("status", "status_code"):
+        status = getattr(exc, attribute, None)
+        if isinstance(status, int):
+            return status
     response = getattr(exc, "response", None)
     code = response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
     return code if isinstance(code, int) else None

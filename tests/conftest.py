@@ -24,6 +24,11 @@ for _key, _value in LOCAL_RAY_ENV.items():
     os.environ.setdefault(_key, _value)
 os.environ.setdefault("RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S", "0.2")
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach Ray's endpoint within a second
+# Cloud SDKs looking for credentials ask a metadata server off this machine; these keep google-auth and
+# botocore from it in every process the tests start (a closed loopback port where an address is needed).
+for _key, _value in {"NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9",
+                     "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    os.environ.setdefault(_key, _value)
 
 
 # ------------------------------------------------------------------------------------------ unit vs e2e
@@ -97,6 +102,28 @@ class Server:
     def status(self, name: str) -> dict | None:
         rows = self.post("/v2/repository/index").json()
         return next((r for r in rows if r["name"] == name), None)
+
+
+@pytest.fixture(scope="session")
+def emulators() -> Iterator[object]:
+    """The GCS and Azure Blob emulators (``tests.servers.Emulators``), each started once, on first use."""
+    from tests.servers import Emulators
+
+    started = Emulators()
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs(emulators):
+    """The GCS emulator; tests that need it skip, saying why, where it is not installed."""
+    return emulators.get("gcs") or pytest.skip(emulators.missing["gcs"])
+
+
+@pytest.fixture(scope="session")
+def azure(emulators):
+    """Azurite's Blob service; tests that need it skip, saying why, where it is not installed."""
+    return emulators.get("azure") or pytest.skip(emulators.missing["azure"])
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,21 @@
-"""Real local servers for storage tests: an HTTP file server with failure knobs and a moto S3 server.
+"""Real local servers for storage tests: an HTTP file server with failure knobs, moto's S3 server, and the
+GCS and Azure Blob emulators (gcp-storage-emulator from PyPI, Azurite from npm; ``.ci/setup`` installs both).
 
-Mocks of fsspec would test our assumptions about fsspec; these test fsspec, aiohttp and botocore as they
-behave on the wire. Everything binds 127.0.0.1 on a free port, and every process started here is stopped by
-its pid. No ``time.sleep`` anywhere: waits poll a condition against a deadline.
+Mocks of fsspec would test our assumptions about fsspec; these test fsspec, aiohttp, botocore, gcsfs and
+adlfs as they behave on the wire. Everything binds 127.0.0.1 on a free port outside the ephemeral range, and
+every process started here is stopped by its pid. No ``time.sleep`` anywhere: waits poll a condition against
+a deadline.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -19,11 +23,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
+from rayms.ports import free_port
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def wait_until(condition: Callable[[], bool], *, timeout_s: float = 10.0, what: str = "condition") -> None:
@@ -199,31 +201,46 @@ class FileServer:
         return Handler
 
 
-class MotoS3:
-    """moto's standalone S3 server as a subprocess on 127.0.0.1, with helpers to fill buckets."""
+class ServerProcess:
+    """A storage server run as a subprocess on 127.0.0.1:``port``; subclasses give its command line."""
+
+    name = "server"
 
     def __init__(self) -> None:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen | None = None
+        self._workdir: tempfile.TemporaryDirectory | None = None
 
-    def start(self) -> "MotoS3":
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **credentials()})
-        wait_until(self._accepting, timeout_s=30, what=f"moto server on port {self.port}")
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def start(self, *, timeout_s: float = 60) -> "ServerProcess":
+        self._workdir = tempfile.TemporaryDirectory(prefix=f"rayms-{self.name}-")  # whatever it writes goes here
+        self._proc = subprocess.Popen(self.command(), cwd=self._workdir.name, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, env=self.environment())
+        try:
+            wait_until(self._accepting, timeout_s=timeout_s, what=f"{self.name} on port {self.port}")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
-        if self._proc is None:
-            return
-        self._proc.terminate()
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(timeout=10)
-        self._proc = None
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=10)
+            self._proc = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
 
     @property
     def pid(self) -> int | None:
@@ -231,10 +248,22 @@ class MotoS3:
 
     def _accepting(self) -> bool:
         if self._proc is not None and self._proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with {self._proc.returncode}")
+            raise RuntimeError(f"{self.name} exited with {self._proc.returncode}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
             return True
         return False
+
+
+class MotoS3(ServerProcess):
+    """moto's standalone S3 server, with helpers to fill buckets."""
+
+    name = "moto"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, **credentials()}
 
     def client(self):
         import boto3  # comes with moto
@@ -250,6 +279,129 @@ class MotoS3:
         for key, data in (files or {}).items():
             client.put_object(Bucket=name, Key=key, Body=data)
         return f"s3://{name}"
+
+
+class GcsEmulator(ServerProcess):
+    """gcp-storage-emulator (Google Cloud Storage's JSON API, in memory)."""
+
+    name = "gcp-storage-emulator"
+    scheme = "gs"
+
+    @staticmethod
+    def missing() -> str | None:
+        """Why the emulator cannot run here, or ``None``."""
+        import importlib.util
+
+        if importlib.util.find_spec("gcp_storage_emulator") is None:
+            return "gcp-storage-emulator is not installed (bash .ci/setup installs it)"
+        return None
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+                "--port", str(self.port), "--in-memory", "--quiet"]
+
+    def env(self) -> dict[str, str]:
+        """What a client needs to reach the emulator. google-auth would probe the metadata server for
+        credentials when it looks for them; pointing that at a closed loopback port keeps it on this machine."""
+        return {"STORAGE_EMULATOR_HOST": self.endpoint, "NO_GCE_CHECK": "true",
+                "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9"}
+
+    def filesystem(self):
+        from gcsfs.core import GCSFileSystem  # the JSON-API filesystem, as rayms.storage uses for emulators
+
+        return GCSFileSystem(endpoint_url=self.endpoint, token="anon", skip_instance_cache=True)
+
+    def bucket(self, name: str, files: dict[str, bytes] | None = None) -> str:
+        """Create bucket ``name`` holding ``files`` (key -> bytes); return ``gs://name``."""
+        return _fill(self.filesystem(), name, files or {}, scheme=self.scheme)
+
+
+AZURITE_ACCOUNT = "devstoreaccount1"
+# Azurite's fixed development account key, published in its documentation (not a secret).
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+class Azurite(ServerProcess):
+    """Azurite's Blob service (in memory; telemetry, which Azurite sends off the machine by default, off).
+    ``.ci/setup`` installs the version it names with npm."""
+
+    name = "azurite"
+    scheme = "az"
+
+    @staticmethod
+    def binary() -> str | None:
+        local = REPO / ".venv" / "node" / "node_modules" / ".bin" / "azurite-blob"
+        return str(local) if local.is_file() else shutil.which("azurite-blob")
+
+    @classmethod
+    def missing(cls) -> str | None:
+        if cls.binary() is None:
+            return ("Azurite is not installed: bash .ci/setup installs it with npm into .venv/node "
+                    "(or put azurite-blob on PATH)")
+        return None
+
+    def command(self) -> list[str]:
+        return [self.binary(), "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--inMemoryPersistence",
+                "--disableTelemetry", "--silent", "--skipApiVersionCheck"]
+
+    def env(self) -> dict[str, str]:
+        return {"AZURE_STORAGE_CONNECTION_STRING": (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint={self.endpoint}/{AZURITE_ACCOUNT};")}
+
+    def filesystem(self):
+        from adlfs import AzureBlobFileSystem
+
+        return AzureBlobFileSystem(connection_string=self.env()["AZURE_STORAGE_CONNECTION_STRING"],
+                                   skip_instance_cache=True)
+
+    def bucket(self, name: str, files: dict[str, bytes] | None = None) -> str:
+        """Create container ``name`` holding ``files`` (blob name -> bytes); return ``az://name``."""
+        return _fill(self.filesystem(), name, files or {}, scheme=self.scheme)
+
+
+def _fill(fs, bucket: str, files: dict[str, bytes], *, scheme: str) -> str:
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    if files:
+        fs.pipe({f"{bucket}/{key}": data for key, data in files.items()})
+    return f"{scheme}://{bucket}"
+
+
+class Emulators:
+    """The GCS and Azure emulators, each started on first use and kept for the test session.
+
+    ``get(kind)`` gives the running emulator, or ``None`` when it is not installed here (``missing[kind]`` then
+    says why); ``env()`` is what rayms's storage needs to reach every emulator that runs."""
+
+    KINDS: dict[str, type[ServerProcess]] = {"gcs": GcsEmulator, "azure": Azurite}
+
+    def __init__(self) -> None:
+        self._running: dict[str, ServerProcess] = {}
+        self.missing: dict[str, str] = {}
+
+    def get(self, kind: str):
+        if kind not in self._running and kind not in self.missing:
+            cls = self.KINDS[kind]
+            reason = cls.missing()
+            if reason:
+                self.missing[kind] = reason
+            else:
+                self._running[kind] = cls().start()
+        return self._running.get(kind)
+
+    def env(self) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for kind in self.KINDS:
+            server = self.get(kind)
+            if server is not None:
+                env |= server.env()
+        return env
+
+    def stop(self) -> None:
+        for server in self._running.values():
+            server.stop()
+        self._running.clear()
 
 
 def credentials() -> dict[str, str]:

@@ -216,6 +216,8 @@ def test_which_addresses_a_download_may_connect_to(address: str, bind: str, allo
     if not allowed:
         assert address in refusal and "allow_private_http" in refusal
         assert storage.address_refusal(address, settings=Settings(host=bind, allow_private_http=True)) is None
+    elif address not in ("93.184.215.14", "2606:4700::1"):  # loopback on a loopback bind: trusted by rule only
+        assert storage.address_refusal(address, settings=Settings(host=bind, trust_loopback=False))
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])

@@ -18,7 +18,7 @@ class Model:
         self.calls: list[int] = []
         self.per_row = per_row
 
-    def __call__(self, inputs, parameters, requested, input_names):
+    async def __call__(self, inputs, parameters, requested, input_names):
         matrix = inputs[0]
         self.calls.append(len(matrix))
         if (matrix == -1).any():

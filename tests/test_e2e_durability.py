@@ -84,7 +84,8 @@ def durable_app(app: str, ingress: str, base_url: str, tmp: Path) -> Iterator[Du
         try:
             for i in range(5):
                 uri, models[f"dur-{i}"] = publish(f"dur-{i}", offset=100.0 * i)
-                assert server.load(f"dur-{i}", uri, "sklearn").status_code == 200
+                loaded = server.load(f"dur-{i}", uri, "sklearn")
+                assert loaded.status_code == 200, loaded.text
             for offset in (7.0, 700.0):  # a second spec: version 2
                 uri, models["dur-updated"] = publish("dur-updated", offset=offset)
                 assert server.load("dur-updated", uri, "sklearn").status_code == 200
@@ -140,11 +141,12 @@ def test_registry_death_under_traffic(durable):
         killed_at = time.time()
         kill(registry)
         wait_for(lambda: healthy(APP, "Registry", 1, killed=registry), timeout_s=180, what="a new registry")
-        # The new registry restores the desired set from its state file and re-drives every model.
+        # The new registry restores the desired set from its state file: the models that were READY are
+        # READY at once, without a reload, while the replicas never stopped serving them.
         wait_for(lambda: all_ready_since(server, models, killed_at), timeout_s=180, what="models READY again")
         traffic.keep_going(30)
     assert traffic.problems == [], traffic.problems[:5]
-    assert set(traffic.statuses) <= {200, 503} and traffic.statuses[200] > 0, traffic.statuses
+    assert set(traffic.statuses) == {200}, traffic.statuses
     for name, predict in models.items():
         answers_like(server, name, predict)
     rows = index(server)

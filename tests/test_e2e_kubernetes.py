@@ -8,7 +8,9 @@ replicas. Clients call each model at the ``status.url`` the bridge wrote, over r
 The app lives at route prefix ``/k8s`` next to the session app at ``/``, with its own ``app_name`` (hence its
 own registry, state file, cache and node agents). Its ``inferenceService`` is ``rayms``, the name of the
 RayService object created in the API server, which owns every TrainedModel the bridge adopts. The tests share
-one fleet of models and run in file order; the last one deletes the RayService.
+one fleet of models and run in file order; the last one deletes the RayService. The app's node agents reach
+the GCS and Azure emulators through ``storage_env``, so the example TrainedModels of ``kuberay/examples/``
+are applied as they are and fetched from ``gs://``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import yaml
 from kubernetes import client
 
 from tests.conftest import Server, free_port, wait_for
@@ -94,7 +97,8 @@ def rayservice(cluster: Cluster) -> dict:
 
 
 @pytest.fixture(scope="module")
-def k8s_app(rayms_server: Server, cluster: Cluster, rayservice: dict, tmp_path_factory) -> Iterator[Server]:
+def k8s_app(rayms_server: Server, cluster: Cluster, rayservice: dict, emulators,
+            tmp_path_factory) -> Iterator[Server]:
     """A rayms app with the bridge on, next to the session app; ``status.url`` points at its route prefix."""
     from ray import serve
 
@@ -104,11 +108,11 @@ def k8s_app(rayms_server: Server, cluster: Cluster, rayservice: dict, tmp_path_f
 
     tmp = tmp_path_factory.mktemp("k8s-app")
     kubeconfig = cluster.apiserver.write_kubeconfig(tmp / "kubeconfig")
-    settings = Settings(
-        app_name=APP, num_replicas=1, max_models_per_replica=40, replica_memory_bytes=2**30,
+    settings = Settings(  # 4 GiB of declared memory: the fleet (32 Mi each) and the examples (256 Mi each)
+        app_name=APP, num_replicas=1, max_models_per_replica=40, replica_memory_bytes=2**32,
         cache_dir=str(tmp / "cache"), state_uri=str(tmp / "state" / "models.json"), download_backoff_s=0.05,
         kubernetes=True, kubeconfig=str(kubeconfig), namespace=NS, inference_service=SERVICE,
-        external_url=rayms_server.url + PREFIX,
+        external_url=rayms_server.url + PREFIX, storage_env=emulators.env(),
     )
     serve.run(build_app(settings), name=APP, route_prefix=PREFIX)
     server = Server(url=rayms_server.url + PREFIX, settings=settings, tmp=tmp)
@@ -307,6 +311,44 @@ def test_bad_trained_models_report_why_and_leave_the_others_alone(k8s_app, clust
     status_writes = [r for r in cluster.apiserver.requests
                      if r.method == "PATCH" and r.path.endswith(f"/{PLURAL}/bad-storage/status")]
     assert len(status_writes) <= 4, status_writes
+
+
+# What KServe's bucket holds under each example's storageUri: one model file, named as KServe names it.
+STAND_INS: dict[str, Callable[[Path], tuple[Path, Callable]]] = {
+    "sklearn": make_sklearn,                                      # model.joblib
+    "xgboost": lambda folder: make_xgboost(folder, ext=".bst"),   # model.bst
+    "lightgbm": lambda folder: make_lightgbm(folder, ext=".bst"),  # model.bst
+    "onnx": make_onnx,                                            # model.onnx
+}
+
+
+def test_the_kuberay_examples_serve_from_their_storage_uris(k8s_app, cluster, fleet, gcs, tmp_path):
+    """The example manifests point at KServe's public bucket. The GCS emulator holds stand-in models (small
+    ones of the same framework) under that bucket and those keys; the manifests are applied unchanged, except
+    the KServe original, which gets rayms's apiVersion, as its comment says is all it needs."""
+    applied: dict[str, tuple[dict, Callable]] = {}
+    for path in sorted((ROOT / "kuberay" / "examples").glob("*.yaml")):
+        manifest = yaml.safe_load(path.read_text())
+        model = manifest["spec"]["model"]
+        scheme, _, location = model["storageUri"].partition("://")
+        assert scheme == "gs", f"{path.name}: the test serves the examples from the GCS emulator"
+        bucket, _, prefix = location.partition("/")
+        artifact, expected = STAND_INS[model["framework"]](tmp_path / path.stem)
+        gcs.bucket(bucket, {f"{prefix}/{artifact.name}": artifact.read_bytes()})
+        manifest = {**manifest, "apiVersion": f"{GROUP}/{VERSION}",
+                    "metadata": {**manifest["metadata"], "namespace": NS}}
+        applied[manifest["metadata"]["name"]] = (manifest, expected)
+    assert len(applied) == len(STAND_INS) + 1, sorted(applied)  # one per framework and the KServe original
+    for manifest, _ in applied.values():
+        cluster.apply(manifest)
+    wait_for(lambda: all(cluster.ready(name) for name in applied), timeout_s=180, interval_s=0.2,
+             what="the example TrainedModels Ready")
+    rows = index(k8s_app)
+    for name, (manifest, expected) in applied.items():
+        model = manifest["spec"]["model"]
+        assert (rows[name]["storageUri"], rows[name]["framework"]) == (model["storageUri"], model["framework"])
+        answers_correctly(cluster, name, expected)
+    # Left in place: deleting the RayService (the next test) collects them with the rest.
 
 
 def test_deleting_the_rayservice_collects_and_unloads_every_trained_model(k8s_app, cluster, fleet):

@@ -188,15 +188,16 @@ def moto() -> Iterator[MotoS3]:
 
 
 @pytest.fixture(scope="module")
-def small_app(rayms_server, moto, tmp_path_factory) -> Iterator[Server]:
-    """One replica holding at most 4 models in a 350 MiB budget; its agents reach the moto S3 server."""
+def small_app(rayms_server, moto, emulators, tmp_path_factory) -> Iterator[Server]:
+    """One replica holding at most 4 models in a 350 MiB budget; its agents reach the moto S3 server and the
+    GCS and Azure emulators (those installed here) through ``storage_env``, as a deployment's would."""
     from rayms.config import Settings
 
     tmp = tmp_path_factory.mktemp("lifecycle")
     settings = Settings(
         app_name="lifecycle", num_replicas=1, max_models_per_replica=4, replica_memory_bytes=350 * 2**20,
         cache_dir=str(tmp / "cache"), state_uri=str(tmp / "models.json"), download_backoff_s=0.05,
-        storage_env=credentials() | {"AWS_ENDPOINT_URL_S3": moto.endpoint},
+        storage_env=credentials() | {"AWS_ENDPOINT_URL_S3": moto.endpoint} | emulators.env(),
     )
     server = deploy(settings, "/lifecycle", rayms_server.url)
     yield server
@@ -322,15 +323,19 @@ def test_missing_http_source_fails_at_once_with_its_uri(small_app, file_server):
         unload_all(small_app, ["src-missing"])
 
 
-def test_s3_source_reaches_the_agent_through_storage_env(small_app, moto, tmp_path):
-    path, predict = make_offset_model(tmp_path / "s3", offset=5.0)
-    bucket = moto.bucket("lifecycle-models", {"team/s3-model/model.joblib": path.read_bytes()})
+@pytest.mark.parametrize("store", ["moto", "gcs", "azure"], ids=["s3", "gs", "az"])
+def test_object_store_source_reaches_the_agent_through_storage_env(small_app, store, request, tmp_path):
+    server = request.getfixturevalue(store)  # the GCS and Azure emulators skip, saying why, if not installed
+    path, predict = make_offset_model(tmp_path / store, offset=5.0)
+    bucket = server.bucket("lifecycle-models", {"team/model/model.joblib": path.read_bytes()})
+    name = f"src-{bucket.partition(':')[0]}"
     try:
-        response = small_app.load("src-s3", f"{bucket}/team/s3-model", "sklearn")
+        response = small_app.load(name, f"{bucket}/team/model", "sklearn")
         assert response.status_code == 200, response.text
-        answers_like(small_app, "src-s3", predict)
+        assert index(small_app)[name]["storageUri"] == f"{bucket}/team/model"
+        answers_like(small_app, name, predict)
     finally:
-        unload_all(small_app, ["src-s3"])
+        unload_all(small_app, [name])
 
 
 # ------------------------------------------------------------------------------------------ 5. new spec

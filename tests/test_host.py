@@ -215,3 +215,58 @@ async def test_a_model_the_registry_removed_is_dropped_and_its_artifact_evicted(
     assert await host.unload_model("a", ModelSpec(storage_uri="remote://x", framework="sklearn")) is False
     assert agent.evicted == ["a"]
     await host.stop()
+
+
+class Hanging:
+    """A runtime whose predict blocks until released (a model stuck in native code)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release = threading.Event()
+
+    def predict(self, inputs, parameters, requested=None, input_names=None):
+        self.release.wait(30)
+        return {"predict": np.zeros(len(inputs[0]))}
+
+    def input_metadata(self):
+        return []
+
+    def output_metadata(self):
+        return []
+
+    def size_bytes(self):
+        return 1
+
+
+async def test_a_hanging_model_times_out_is_quarantined_and_others_keep_serving(models, monkeypatch):
+    from rayms import frameworks
+    from rayms.errors import PredictTimedOut
+
+    root, made = models
+    hanging = Hanging()
+    real = frameworks.load_runtime
+    monkeypatch.setattr(frameworks, "load_runtime", lambda fw, path, params=None: hanging
+                        if "rf" in str(path) else real(fw, path, params))
+    feed = Feed()
+    await feed.put(status("stuck", str(root / "rf")))
+    await feed.put(status("fine", str(root / "logreg")))
+    host, _, reporter = await make_host(root, feed, predict_timeout_s=0.3, predict_threads=4, quarantine_after=2)
+    failures = []
+    host._reporter.failed = lambda name, version, reason: failures.append((name, version, reason))
+    try:
+        stuck = asyncio.create_task(host.infer("stuck", request(X)))
+        # while one predict hangs, the event loop and the other models are free
+        np.testing.assert_array_equal((await host.infer("fine", request(X))).outputs[0].data, made["logreg"][1](X))
+        with pytest.raises(PredictTimedOut, match="within 0.3s"):
+            await stuck
+        with pytest.raises(PredictTimedOut):
+            await host.infer("stuck", request(X))
+        assert failures == [("stuck", 1, failures[0][2])] and "quarantined" in failures[0][2]
+        with pytest.raises(ModelNotReady, match="quarantined"):
+            await host.infer("stuck", request(X))
+        assert "stuck" not in host.report().models
+        np.testing.assert_array_equal((await host.infer("fine", request(X))).outputs[0].data, made["logreg"][1](X))
+    finally:
+        hanging.release.set()
+        await host.stop()

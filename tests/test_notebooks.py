@@ -1,14 +1,17 @@
 """The notebooks in ``notebooks/`` run top to bottom, as a reader would run them, and keep working.
 
-Each notebook starts and stops its own Ray instance, so it runs in a fresh kernel process (nbclient),
-never in this one, and never next to the session's shared Ray. The kernel is the Python running these
-tests (a kernelspec written to a temporary folder), so it sees the same installed rayms. A notebook run
-fails on the first cell that raises or runs past ``CELL_TIMEOUT_S``, with that cell's error in the
-message. Notebooks are stored without outputs; ``tests/notebooks/strip_outputs.py`` strips them.
+Each notebook starts and stops its own Ray instance, so it runs in a fresh kernel process (nbclient, the
+engine of ``jupyter execute``), never in this one, and never next to the session's shared Ray. The kernel
+is the Python running these tests (a kernelspec written to a temporary folder), so it sees the same
+installed rayms, behind a fence (``tests/notebooks/fenced_kernel.py``) that lets it import only what
+``pip install 'rayms[notebooks]'`` installs. A notebook run fails on the first cell that raises or runs past
+``CELL_TIMEOUT_S``, with that cell's error in the message. Notebooks are stored without outputs;
+``tests/notebooks/strip_outputs.py`` strips them.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -23,12 +26,17 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError
+from packaging.utils import canonicalize_name
+
+from tests.dependencies import declared, imported_modules, undeclared
 
 pytestmark = pytest.mark.e2e  # starts Ray in processes of its own
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 BROKEN = REPO / "tests" / "notebooks" / "broken.ipynb"
+FENCED_KERNEL = REPO / "tests" / "notebooks" / "fenced_kernel.py"
+EXTRA = "notebooks"
 CELL_TIMEOUT_S = 600
 NOTEBOOK_TIMEOUT_S = 1800  # two busy cores shared with other test runs: generous, but finite
 KERNEL = "python3"
@@ -37,10 +45,11 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 @pytest.fixture(scope="module")
 def kernel_specs(tmp_path_factory) -> KernelSpecManager:
-    """A ``python3`` kernelspec that runs this interpreter (the venv's), whatever ``python`` is on PATH."""
+    """A ``python3`` kernelspec that runs this interpreter (the venv's), whatever ``python`` is on PATH, behind
+    the fence that keeps it to rayms's and the notebooks extra's modules."""
     folder = tmp_path_factory.mktemp("kernels") / KERNEL
     folder.mkdir()
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+    spec = {"argv": [sys.executable, str(FENCED_KERNEL), "-f", "{connection_file}"],
             "display_name": "Python 3 (rayms tests)", "language": "python"}
     (folder / "kernel.json").write_text(json.dumps(spec))
     return KernelSpecManager(kernel_dirs=[str(folder.parent)])
@@ -158,6 +167,39 @@ def test_a_cell_over_the_timeout_fails_the_run(kernel_specs, tmp_path):
     nbformat.write(stuck, path)
     with pytest.raises(AssertionError, match=r"stuck.ipynb: a cell ran longer than 5s"):
         run_notebook(path, kernel_specs=kernel_specs, output_dir=tmp_path, cell_timeout_s=5)
+
+
+def code_cells(path: Path) -> list[str]:
+    return [cell.source for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"]
+
+
+def test_every_module_the_notebooks_import_comes_with_the_notebooks_extra():
+    imported = {module for path in NOTEBOOKS for source in code_cells(path) for module in imported_modules(source)}
+    assert {"pandas", "matplotlib", "sklearn", "rayms"} <= imported
+    assert undeclared(imported, [EXTRA]) == set(), f"declare them in the {EXTRA!r} extra of pyproject.toml"
+    # what the extra adds is what the notebooks would miss after a plain install of rayms
+    assert undeclared(imported, []) == {"pandas", "matplotlib"}
+    assert undeclared({"moto", "tritonclient"}, [EXTRA]) == {"moto", "tritonclient"}  # test-only packages
+
+
+def test_the_fence_refuses_what_the_extra_does_not_install(kernel_specs, tmp_path):
+    probe = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("import pandas, matplotlib, sklearn, rayms  # all installed by rayms[notebooks]"),
+        nbformat.v4.new_code_cell("import moto  # installed here, for the tests only"),
+    ], metadata={"kernelspec": {"name": KERNEL, "display_name": "Python 3", "language": "python"}})
+    path = tmp_path / "fence.ipynb"
+    nbformat.write(probe, path)
+    with pytest.raises(AssertionError, match=r"cell 1 failed(.|\n)*No module named 'moto'(.|\n)*rayms\[notebooks\]"):
+        run_notebook(path, kernel_specs=kernel_specs, output_dir=tmp_path, cell_timeout_s=120)
+
+
+def test_readme_gives_the_command_that_runs_the_notebooks():
+    readme = (REPO / "README.md").read_text()
+    assert f"pip install 'rayms[{EXTRA}]'" in readme
+    [command] = [line.split() for line in readme.splitlines() if line.startswith("jupyter execute ")]
+    assert sorted(command[2:]) == sorted(f"notebooks/{path.name}" for path in NOTEBOOKS)
+    [script] = importlib.metadata.entry_points(group="console_scripts", name="jupyter-execute")
+    assert canonicalize_name(script.dist.name) in declared([EXTRA])
 
 
 def test_stored_notebooks_have_no_outputs():

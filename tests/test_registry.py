@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
 from rayms.config import ModelSpec, Settings
-from rayms.errors import InvalidSpec, LoadTimedOut, MemoryUnavailable, ModelLoadError, ModelNotFound, UnsupportedFramework
+from rayms.errors import (
+    InvalidSpec, LoadTimedOut, MemoryUnavailable, ModelLoadError, ModelLoadFailed, ModelNotFound, Overloaded, StorageError,
+    UnsupportedFramework,
+)
 from rayms.registry import ModelRegistry
-from rayms.status import LoadReport, ModelState, Source
+from rayms.status import LoadReport, ModelState, ReplicaReport, ResidentModel, Source
 from rayms.statestore import StateStore
 
 
@@ -136,21 +140,28 @@ async def test_unregister_persists_and_unloads(make_registry):
 
 
 async def test_restore_brings_back_exactly_the_registered_set(make_registry, tmp_path):
-    registry, _, store = make_registry()
+    registry, placer, store = make_registry()
     await registry.register("a", spec(), "repository")
     await registry.register("b", spec("file:///b0"), "kubernetes")
     await registry.register("b", spec("file:///b", memory="64Mi"), "kubernetes")
     await registry.unregister("a")
-    data = json.loads((tmp_path / "models.json").read_text())
-    assert data == [{"modelName": "b", "modelSpec": {"framework": "sklearn", "memory": "64Mi",
-                                                     "storageUri": "file:///b"}, "source": "kubernetes",
-                     "version": 2}]
+    await settle(registry, "b")
+    await registry.register("c", spec("file:///c"), "repository")
+    await settle(registry, "c")
+    placer.gate = asyncio.Event()  # d never finishes loading before the restart
+    await registry.register("d", spec("file:///d"), "repository")
+    data = {e["modelName"]: e for e in json.loads((tmp_path / "models.json").read_text())}
+    assert data["b"] == {"modelName": "b", "modelSpec": {"framework": "sklearn", "memory": "64Mi",
+                                                         "storageUri": "file:///b"}, "source": "kubernetes",
+                         "version": 2, "ready": True, "measuredBytes": 1234}
+    assert sorted(data) == ["b", "c", "d"] and "ready" not in data["d"]
     again, placer, _ = make_registry()
-    assert await again.restore() == 1
-    status = await settle(again, "b")
-    assert status.state == "READY" and status.source == "kubernetes"
-    assert status.version == 2, "a restored model keeps its version"
-    assert placer.loads == [("b", 2)]
+    assert await again.restore() == 3
+    status = again.get("b")
+    # READY before the restart: READY at once, at its version, without loading it again
+    assert status.state == "READY" and status.source == "kubernetes" and status.version == 2
+    assert (await settle(again, "d")).state == "READY"
+    assert placer.loads == [("d", 1)], "only the model that had not loaded is loaded"
 
 
 async def test_watch_pushes_changes_and_deletions(make_registry):
@@ -184,14 +195,24 @@ async def test_thousand_registrations_share_few_state_writes(make_registry, monk
     assert {s.state for s in statuses} == {"READY"}
 
 
-async def test_replicas_that_went_away_leave_the_index(make_registry):
+async def test_the_index_says_who_holds_what_by_the_replicas_own_reports(make_registry):
     registry, _, _ = make_registry()
     await registry.register("a", spec(), "repository")
-    await settle(registry, "a")
+    await registry.register("b", spec("file:///b"), "repository")
+    await settle(registry, "a"), await settle(registry, "b")
     await registry.report_residency("r2", loaded=["a"], evicted=[])
     assert registry.get("a").replicas == ("r1", "r2")
-    await registry.keep_replicas({"r2"})
-    assert registry.get("a").replicas == ("r2",)
+
+    def report(replica, **versions):
+        return ReplicaReport(replica=replica, node="n", used_bytes=0, budget_bytes=1, evictions=0,
+                             models={n: ResidentModel(version=v, charged_bytes=1, measured_bytes=1)
+                                     for n, v in versions.items()})
+
+    # r1 died; r2 still holds a; r3 holds b, and an old version of a, which does not count
+    await registry.reconcile([report("r2", a=1), report("r3", b=1)])
+    assert registry.get("a").replicas == ("r2",) and registry.get("b").replicas == ("r3",)
+    await registry.reconcile([report("r3", a=0, b=1)])
+    assert registry.get("a").replicas == ()
 
 
 async def test_a_load_that_never_answers_ends_failed(make_registry):
@@ -213,11 +234,17 @@ async def test_a_wait_that_times_out_is_an_error_not_a_status(make_registry):
 
 
 async def test_repository_load_waits_at_most_load_timeout_s(make_registry):
-    registry, placer, _ = make_registry(load_timeout_s=0.2)
+    registry, placer, _ = make_registry(load_timeout_s=0.2, load_attempts=1)
     placer.gate = asyncio.Event()  # never answers
     status = await registry.load("stuck", spec(), Source.API)
     # The load's own bound fails the model; the wait returns that, within the same timeout.
     assert status.state is ModelState.FAILED and "no replica finished loading it within 0.2s" in status.reason
+    retrying, placer, _ = make_registry(load_timeout_s=0.2, load_attempts=3, load_backoff_s=5)
+    placer.gate = asyncio.Event()
+    started = time.monotonic()
+    with pytest.raises(LoadTimedOut):  # still retrying when the wait's bound is reached: an error, not a 200
+        await retrying.load("stuck", spec(), Source.API)
+    assert time.monotonic() - started < 0.2 + 1.0 + 0.5
 
 
 async def test_a_model_a_source_cannot_declare_is_failed_with_its_reason(make_registry):
@@ -285,3 +312,57 @@ def test_instances_on_other_ports_or_repositories_keep_state_apart(tmp_path):
     assert base.resolved_state_uri() == Settings(cache_dir=str(tmp_path),
                                                  model_repository=str(tmp_path / "a")).resolved_state_uri()
     assert Settings(state_uri="s3://b/state.json").resolved_state_uri() == "s3://b/state.json"
+
+
+async def test_a_new_version_that_fails_leaves_the_old_one_serving(make_registry):
+    registry, placer, store = make_registry()
+    await registry.register("m", spec("file:///m/good"), Source.API)
+    await settle(registry, "m")
+    with pytest.raises(ModelLoadFailed, match="version 2 failed to load.*cannot unpickle file:///broken"):
+        await registry.load("m", spec("file:///broken"), Source.API)
+    status = registry.get("m")
+    assert (status.state, status.version, status.storage_uri) == (ModelState.READY, 1, "file:///m/good")
+    assert "version 1 is still serving" in status.reason
+    [entry] = store.read()
+    assert entry["modelSpec"]["storageUri"] == "file:///m/good" and entry["version"] == 1
+
+
+async def test_transient_load_failures_are_retried_and_permanent_ones_are_not(make_registry):
+    registry, placer, _ = make_registry(load_backoff_s=0.01)
+    original = placer.load
+    died = []
+
+    async def dies_once(name, spec, version):
+        if name == "flaky" and not died:
+            died.append(name)
+            raise Overloaded("a rayms replica is restarting; retry shortly")
+        return await original(name, spec, version)
+
+    placer.load = dies_once
+    await registry.register("flaky", spec("file:///flaky"), Source.API)
+    assert (await settle(registry, "flaky")).state is ModelState.READY
+    assert placer.loads == [("flaky", 1)] and died == ["flaky"]
+    await registry.register("bad", spec("file:///broken"), Source.API)
+    assert (await settle(registry, "bad")).state is ModelState.FAILED
+    assert placer.loads.count(("bad", 1)) == 1
+
+
+async def test_a_state_write_that_fails_changes_nothing(make_registry, monkeypatch):
+    registry, placer, store = make_registry()
+    await registry.register("kept", spec("file:///kept"), Source.API)
+    await settle(registry, "kept")
+
+    def broken(entries):
+        raise StorageError("cannot write model state: disk full")
+
+    monkeypatch.setattr(store, "write", broken)
+    with pytest.raises(StorageError, match="disk full"):
+        await registry.register("new", spec("file:///new"), Source.API)
+    with pytest.raises(ModelNotFound):
+        registry.get("new")
+    with pytest.raises(StorageError):
+        await registry.register("kept", spec("file:///kept-v2"), Source.API)
+    assert (registry.get("kept").version, registry.get("kept").storage_uri) == (1, "file:///kept")
+    with pytest.raises(StorageError):
+        await registry.unregister("kept")
+    assert registry.get("kept").state is ModelState.READY and placer.unloads == []

@@ -1,4 +1,5 @@
-"""Storage and the artifact agent against real local servers (HTTP and moto S3 on 127.0.0.1).
+"""Storage and the artifact agent against real local servers on 127.0.0.1: HTTP, moto's S3, and the GCS and
+Azure Blob emulators (gcp-storage-emulator, Azurite), which ``.ci/setup`` installs.
 
 What these pin down is what hurt KServe's agent: no retries, no concurrency cap, no dedup, half-written
 models that look complete, archives only for some schemes. Nothing here waits with ``time.sleep``: tests poll
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import pickle
 import sys
 import tarfile
@@ -23,7 +25,7 @@ from rayms import storage
 from rayms.agent import ArtifactAgent
 from rayms.config import ModelSpec, Settings
 from rayms.errors import StorageError
-from tests.servers import FileServer, MotoS3, credentials, write_tree
+from tests.servers import AZURITE_KEY, FileServer, MotoS3, credentials, write_tree
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -205,6 +207,93 @@ def test_s3_object_prefix_and_archive(s3: MotoS3, tmp_path: Path, settings: Sett
     with pytest.raises(StorageError, match="404") as missing:
         storage.fetch(f"{bucket}/absent", tmp_path / "x", settings=settings)
     assert f"{bucket}/absent" in str(missing.value) and not missing.value.transient
+
+
+# -- gs:// and az:// against their emulators -------------------------------------------------------------------
+
+ALIASES = {"gs": "gcs", "az": "abfs"}  # the second scheme of each backend
+
+
+@pytest.fixture(params=["gcs", "azure"])
+def cloud(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """One emulator (started once per session); this process's storage environment points at it alone."""
+    for key in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_CONNECTION_STRING",
+                "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    server = request.getfixturevalue(request.param)  # skips, saying why, when the emulator is not installed
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    return server
+
+
+def test_cloud_object_prefix_and_archives(cloud, tmp_path: Path, settings: Settings) -> None:
+    model = {"model.joblib": b"w", "meta/info.json": b"{}"}
+    bucket = cloud.bucket("fetch-models", {
+        **{f"iris/{name}": data for name, data in model.items()}, "one/model.bst": b"b",
+        "packed/m.tar.gz": tar_bytes([(member("model.onnx"), b"o")]), "packed/m.zip": zip_bytes(model),
+    })
+    assert listing(storage.fetch(f"{bucket}/iris", tmp_path / "f", settings=settings)) == model
+    assert listing(storage.fetch(f"{bucket}/iris/", tmp_path / "f2", settings=settings)) == model
+    single = storage.fetch(f"{bucket}/one/model.bst", tmp_path / "s", settings=settings)
+    assert single == tmp_path / "s" / "model.bst" and single.read_bytes() == b"b"
+    assert listing(storage.fetch(f"{bucket}/packed/m.tar.gz", tmp_path / "t", settings=settings)) == {
+        "model.onnx": b"o"}
+    assert listing(storage.fetch(f"{bucket}/packed/m.zip", tmp_path / "z", settings=settings)) == model
+    alias = bucket.replace(f"{cloud.scheme}://", f"{ALIASES[cloud.scheme]}://")
+    assert storage.fetch(f"{alias}/one/model.bst", tmp_path / "a", settings=settings).read_bytes() == b"b"
+    for absent in (f"{bucket}/absent", f"{cloud.scheme}://no-such-bucket/iris"):
+        with pytest.raises(StorageError, match="404") as missing:
+            storage.fetch(absent, tmp_path / "x", settings=settings)
+        assert absent in str(missing.value) and not missing.value.transient
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_agent_downloads_a_cloud_model_once_and_serves_it_from_its_cache(cloud, settings: Settings) -> None:
+    bucket = cloud.bucket("agent-models", {"iris/model.joblib": b"w", "iris/conf/a.json": b"{}",
+                                           "packed.tgz": tar_bytes([(member("model.txt"), b"t")])})
+    folder, archive = spec(f"{bucket}/iris"), spec(f"{bucket}/packed.tgz")
+    events = Events()
+
+    async def main() -> list[str]:
+        agent = ArtifactAgent(settings, on_event=events)
+        paths = await asyncio.gather(*(agent.fetch(f"m{i}", s) for i in range(3) for s in (folder, archive)))
+        assert agent.stats()["downloads_completed"] == 2 and agent.stats()["deduplicated"] == 4
+        return paths
+
+    paths = asyncio.run(main())
+    assert len(set(paths)) == 2
+    assert listing(Path(paths[0])) == {"model.joblib": b"w", "conf/a.json": b"{}"}
+    assert listing(Path(paths[1])) == {"model.txt": b"t"}
+    assert events.names("downloaded") == ["m0", "m0", "m1", "m1", "m2", "m2"]
+    restarted = ArtifactAgent(settings)  # a new process on the same node: the cache is what it finds
+    assert asyncio.run(restarted.fetch("again", folder)) == paths[0]
+    assert restarted.stats()["downloads_started"] == 0 and restarted.stats()["cache_hits"] == 1
+
+
+def test_a_gcs_emulator_is_read_over_its_json_api_alone(gcs, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """gcsfs's default filesystem asks a gRPC service for each bucket's layout first; against an emulator that
+    call fails (after a minute, with credentials) on every download, and gcsfs logs a warning each time."""
+    for key, value in gcs.env().items():
+        monkeypatch.setenv(key, value)
+    bucket = gcs.bucket("json-api-models", {"iris/model.joblib": b"w"})
+    with caplog.at_level(logging.DEBUG, logger="gcsfs"):
+        got = storage.fetch(f"{bucket}/iris/model.joblib", tmp_path / "d", settings=settings)
+    assert got.read_bytes() == b"w"
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("gcsfs") and r.levelno >= logging.WARNING] == []
+
+
+def test_azure_wrong_key_is_access_denied_at_once_and_the_key_stays_out_of_the_error(
+        azure, monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    bucket = azure.bucket("locked-models", {"iris/model.joblib": b"w"})
+    good = azure.env()["AZURE_STORAGE_CONNECTION_STRING"]
+    wrong_key = "A" * 86 + "=="
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", good.replace(AZURITE_KEY, wrong_key))
+    agent = ArtifactAgent(settings)
+    with pytest.raises(StorageError, match=r"access denied \(403\)") as caught:
+        asyncio.run(agent.fetch("iris", spec(f"{bucket}/iris")))
+    assert not caught.value.transient and agent.stats()["retries"] == 0
+    assert wrong_key not in str(caught.value) and "AccountKey" not in str(caught.value)
 
 
 @pytest.mark.parametrize(("uri", "package", "extra"), [

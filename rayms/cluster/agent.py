@@ -18,6 +18,7 @@ from rayms.agent import ArtifactAgent
 from rayms.cluster.metrics import Metrics
 from rayms.cluster.remote import call
 from rayms.config import ModelSpec, Settings
+from rayms.redact import install_log_redaction
 
 AGENT_NAMESPACE = "rayms"
 
@@ -26,6 +27,7 @@ class NodeAgent(ArtifactAgent):
     """The agent as a Ray actor: its download events become Prometheus metrics on Ray's endpoint."""
 
     def __init__(self, settings: Settings) -> None:
+        install_log_redaction()
         super().__init__(settings, on_event=Metrics().record_download)
 
 

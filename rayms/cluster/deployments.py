@@ -32,6 +32,7 @@ from rayms.config import ModelSpec, Settings
 from rayms.dataplane import DataPlane, PythonApi
 from rayms.host import ModelHost
 from rayms.ray_env import deployment_env
+from rayms.redact import install_log_redaction
 from rayms.registry import ModelRegistry
 from rayms.repository import seed_models
 from rayms.router import build_api
@@ -46,7 +47,7 @@ REPLICA = "ModelReplica"
 ROUTER = "Router"
 BRIDGE = "KubernetesBridge"
 
-REPLICA_PRUNE_INTERVAL_S = 5.0
+REPLICA_CENSUS_INTERVAL_S = 5.0
 
 # Serve's own per-replica request limit, set far above anything reached: the replica's data plane applies
 # back-pressure to inference itself (a JSON 503 with Retry-After), while control calls must always get in. A
@@ -68,33 +69,34 @@ class Registry:
     """Serve deployment around :class:`~rayms.registry.ModelRegistry` (exactly one replica)."""
 
     async def __init__(self, settings: dict[str, Any]) -> None:
+        install_log_redaction()
         self._settings = Settings(**settings)
         app_name = _app_name()
-        store = StateStore(self._settings.resolved_state_uri())
+        store = StateStore(self._settings.resolved_state_uri(), env=self._settings.storage_env)
         self._placer = HandlePlacer(lambda: serve.get_deployment_handle(REPLICA, app_name))
         self._registry = ModelRegistry(self._settings, store=store, placer=self._placer)
         await self._registry.restore()
         await self._registry.seed(seed_models(self._settings))
-        self._pruner = asyncio.get_running_loop().create_task(self._prune_dead_replicas())
+        self._census_task = asyncio.get_running_loop().create_task(self._census())
 
-    async def _prune_dead_replicas(self) -> None:
-        """A replica that died reports nothing; ask who is alive now and then, so the index stays true."""
+    async def _census(self) -> None:
+        """Ask every replica what it holds, at start and now and then, so the index says who holds what: a
+        restored registry learns what replicas that outlived it hold, and a replica that died holds nothing."""
         while True:
-            await asyncio.sleep(REPLICA_PRUNE_INTERVAL_S)
             try:
-                reports = await self._placer.census()
-                await self._registry.keep_replicas({report.replica for report in reports})
-            except Exception as exc:  # replicas restarting: try again next round
+                await self._registry.reconcile(await self._placer.census())
+            except Exception as exc:  # replicas starting or restarting: try again next round
                 logger.debug("replica census failed: %s", exc)
+            await asyncio.sleep(REPLICA_CENSUS_INTERVAL_S)
 
     async def register(self, name: str, spec: ModelSpec, source: Source = Source.API) -> ModelStatus:
         return await self._registry.register(name, spec, source)
 
-    async def load(self, name: str, spec: ModelSpec, source: Source = Source.API) -> ModelStatus:
-        return await self._registry.load(name, spec, source)
+    async def load(self, name: str, spec: ModelSpec, source: Source = Source.API, force: bool = False) -> ModelStatus:
+        return await self._registry.load(name, spec, source, force=force)
 
-    async def unregister(self, name: str, source: Source | None = None) -> None:
-        await self._registry.unregister(name, source)
+    async def unregister(self, name: str, source: Source | None = None, force: bool = False) -> None:
+        await self._registry.unregister(name, source, force=force)
 
     async def get(self, name: str) -> ModelStatus:
         return self._registry.get(name)
@@ -111,9 +113,13 @@ class Registry:
     async def report_residency(self, replica: str, loaded: list[str], evicted: list[str]) -> None:
         await self._registry.report_residency(replica, loaded, evicted)
 
+    async def quarantine(self, name: str, version: int, reason: str) -> None:
+        await self._registry.quarantine(name, version, reason)
+
 
 # ---------------------------------------------------------------------------------------------- replicas
 async def _start_host(settings: Settings) -> tuple[ModelHost, RegistryView]:
+    install_log_redaction()
     context = serve.get_replica_context()
     registry = serve.get_deployment_handle(REGISTRY, context.app_name)
     view = RegistryView(RegistryHandle(registry).watch)
@@ -208,6 +214,7 @@ class Router(_PythonCalls):
 
     async def __init__(self, settings: dict[str, Any], registry: Any = None, models: Any = None,
                        bridge: Any = None) -> None:
+        install_log_redaction()
         self._settings = Settings(**settings)
         registry_handle = _registry_handle()
         replicas = serve.get_deployment_handle(REPLICA, _app_name())
@@ -228,6 +235,7 @@ class KubernetesBridge:
     async def __init__(self, settings: dict[str, Any], registry: Any = None) -> None:
         from rayms.k8s import TrainedModelBridge, connect
 
+        install_log_redaction()
         self._settings = Settings(**settings)
         api, namespace = connect(self._settings)
         self._bridge = TrainedModelBridge(self._settings, registry=_registry_handle(), api=api, namespace=namespace)
@@ -235,6 +243,10 @@ class KubernetesBridge:
 
     async def stats(self) -> dict[str, Any]:
         return self._bridge.stats()
+
+    async def check_health(self) -> None:
+        """Serve's liveness probe: a stuck watch fails it, and Serve replaces this replica."""
+        self._bridge.check_health()
 
     def __del__(self) -> None:
         self._bridge.close()

@@ -28,11 +28,11 @@ class RegistryHandle:
     async def register(self, name: str, spec: ModelSpec, source: Source) -> ModelStatus:
         return await call(self._handle.register.remote(name, spec, source))
 
-    async def load(self, name: str, spec: ModelSpec, source: Source) -> ModelStatus:
-        return await call(self._handle.load.remote(name, spec, source))
+    async def load(self, name: str, spec: ModelSpec, source: Source, *, force: bool = False) -> ModelStatus:
+        return await call(self._handle.load.remote(name, spec, source, force=force))
 
-    async def unregister(self, name: str, source: Source | None = None) -> None:
-        await call(self._handle.unregister.remote(name, source))
+    async def unregister(self, name: str, source: Source | None = None, *, force: bool = False) -> None:
+        await call(self._handle.unregister.remote(name, source, force=force))
 
     async def list(self, source: Source | None = None) -> list[ModelStatus]:
         return await call(self._handle.list.remote(source))
@@ -52,6 +52,9 @@ class RegistryReporterHandle:
 
     def residency(self, replica: str, loaded: list[str], evicted: list[str]) -> None:
         self._handle.report_residency.remote(replica, loaded, evicted)
+
+    def failed(self, name: str, version: int, reason: str) -> None:
+        self._handle.quarantine.remote(name, version, reason)
 
 
 class ReplicaModels:
@@ -75,11 +78,11 @@ class ClusterControl:
         self._registry = registry
         self._replicas = replicas
 
-    async def load(self, name: str, spec: ModelSpec, source: Source) -> ModelStatus:
-        return await self._registry.load(name, spec, source)
+    async def load(self, name: str, spec: ModelSpec, source: Source, *, force: bool = False) -> ModelStatus:
+        return await self._registry.load(name, spec, source, force=force)
 
-    async def unregister(self, name: str, source: Source | None = None) -> None:
-        await self._registry.unregister(name, source)
+    async def unregister(self, name: str, source: Source | None = None, *, force: bool = False) -> None:
+        await self._registry.unregister(name, source, force=force)
 
     async def replicas(self) -> list[ReplicaReport]:
         return await call(self._replicas.broadcast("report").results_async())
@@ -103,7 +106,7 @@ class HandlePlacer:
     async def load(self, name: str, spec: ModelSpec, version: int) -> LoadReport:
         return await call(self._replicas.options(multiplexed_model_id=name).load_model.remote(name, spec, version))
 
-    async def unload(self, name: str, spec: ModelSpec) -> None:
+    async def unload(self, name: str, spec: ModelSpec | None) -> None:
         await call(self._replicas.broadcast("unload_model", name, spec).results_async())
 
     async def census(self) -> list[ReplicaReport]:

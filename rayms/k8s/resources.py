@@ -13,6 +13,7 @@ from typing import Any
 
 from rayms.config import ModelSpec, validate_model_name
 from rayms.errors import InvalidMemory, InvalidSpec, MemoryUnavailable, RaymsError, UnsupportedFramework
+from rayms.redact import redact
 from rayms.status import ModelState, ModelStatus, Source
 
 RAYMS_GROUP = "serving.rayms.io"
@@ -59,7 +60,7 @@ def parse(obj: dict[str, Any]) -> Parsed:
         validate_model_name(name)
         spec = ModelSpec.parse(model, name=name)
     except InvalidSpec as exc:
-        return Parsed(**common, spec=None, problem=str(exc), problem_condition=condition_for(exc))
+        return Parsed(**common, spec=None, problem=redact(str(exc)), problem_condition=condition_for(exc))
     return Parsed(**common, spec=spec)
 
 

@@ -18,6 +18,7 @@ import functools
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -113,6 +114,7 @@ class RequestRecord:
     path: str
     query: dict = field(hash=False)
     status: int
+    at: float = field(default=0.0, compare=False)  # time.monotonic() when the response was sent
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -323,11 +325,11 @@ class FakeApiServer:
 
     def _record(self, method: str, path: str, query: dict, status: int) -> None:
         with self._lock:
-            self._requests.append(RequestRecord(method, path, query, status))
+            self._requests.append(RequestRecord(method, path, query, status, time.monotonic()))
 
     @property
     def requests(self) -> list[RequestRecord]:
-        """Every HTTP request received (method, path, query, response code)."""
+        """Every HTTP request received (method, path, query, response code, monotonic time of the answer)."""
         with self._lock:
             return list(self._requests)
 
