@@ -112,7 +112,7 @@ def check_predictions(urls: dict[str, str], expected: dict[str, np.ndarray], thr
         if response.status_code != 200:
             return f"{name}: {response.status_code} {response.text[:200]}"
         output = next(o for o in response.json()["outputs"] if o["name"] == "predict")
-        got = np.asarray(output["data"], dtype=np.float64)
+        got = np.asarray(output["data"], dtype=np.float64).reshape(output["shape"])  # [N, classes] for boosters
         return None if np.allclose(got, expected[name]) else f"{name}: predicted {got.tolist()}"
 
     with ThreadPoolExecutor(max_workers=threads) as pool:

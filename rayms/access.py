@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
 import os
 import socket
 from pathlib import Path
@@ -27,6 +28,8 @@ from urllib.parse import unquote, urlsplit
 from rayms.config import Settings
 from rayms.errors import Forbidden, Unauthorized
 from rayms.redact import redact
+
+logger = logging.getLogger("rayms.access")
 
 OPEN, INFERENCE, CONTROL, CHANGE = "open", "inference", "control", "change"
 
@@ -61,8 +64,17 @@ def _token(value, path: str | None) -> str | None:
     if value is not None:
         return value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
     if path:
-        return Path(path).expanduser().read_text().strip()
+        try:
+            token = Path(path).expanduser().read_text().strip()
+        except OSError as exc:
+            # Configured but unreadable (a Secret not created yet): nobody gets in, rather than everybody.
+            logger.error("token file %s cannot be read (%s): requests that need it are refused", path, exc)
+            return _UNREADABLE
+        return token or _UNREADABLE
     return None
+
+
+_UNREADABLE = "\x00unreadable\x00"  # no Authorization header can carry it: every comparison fails
 
 
 class AccessPolicy:

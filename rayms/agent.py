@@ -25,8 +25,9 @@ What stays in the cache, and for how long (the disk quota is ``artifact_cache_by
   unloaded with :meth:`ArtifactAgent.evict`) is removed as soon as it is not in use.
 * Above the quota, entries are removed least recently fetched first (the marker's modification time records
   the last fetch), skipping entries in use, until the cache fits. A model resident in a replica's memory does
-  not need its file (every framework reads it whole at load), so its entry may go; the replica fetches it
-  again only if it ever reloads the model. The cache exceeds the quota only by entries in use.
+  not need its file (the built-in frameworks read it whole at load; custom models are told to read what they
+  need in ``load``), so its entry may go; the replica fetches it again only if it ever reloads the model. The
+  cache exceeds the quota only by entries in use.
 
 Plain asyncio with no Ray import: the node's actor is this class under ``ray.remote``
 (:mod:`rayms.cluster.agent`). Blocking fsspec work runs in threads (``asyncio.to_thread``); each download

@@ -18,6 +18,8 @@ from typing import Any
 
 import requests
 
+from rayms import framework_table
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -39,7 +41,8 @@ def serve_settings(args: argparse.Namespace):
              "cache_dir": args.cache_dir, "namespace": args.namespace, "inference_service": args.inference_service,
              "kubeconfig": args.kubeconfig, "kubernetes": args.kubernetes or None,
              "kserve_compat": args.kserve_compat or None, "allow_storage": args.allow_storage,
-             "control_token_file": args.control_token_file, "model_control": args.model_control}
+             "control_token_file": args.control_token_file, "model_control": args.model_control,
+             "grpc_port": args.grpc_port}
     overrides: dict[str, Any] = {field: value for field, value in flags.items() if value not in (None, "")}
     if args.replica_memory:
         try:
@@ -84,7 +87,8 @@ def _serve(args: argparse.Namespace) -> int:
             from rayms.demo import print_demo_commands
 
             print_demo_commands(base)
-        print(f"rayms is serving on {base} (Ctrl-C stops it)", flush=True)
+        grpc = f" and gRPC on {settings.host}:{settings.grpc_port}" if settings.grpc_port is not None else ""
+        print(f"rayms is serving on {base}{grpc} (Ctrl-C stops it)", flush=True)
     while not stop.wait(timeout=1.0):
         pass
     print("stopping rayms ...", flush=True)
@@ -199,6 +203,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--models", dest="models_file", help="KServe models.json to register at start")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1, or RAYMS_HOST)")
     serve.add_argument("--port", type=int, help="HTTP port (default 8000, or RAYMS_PORT)")
+    serve.add_argument("--grpc-port", type=int, default=None,
+                       help="also serve the Open Inference Protocol over gRPC on this port (default: no gRPC)")
     serve.add_argument("--replicas", type=int, help="number of model replicas")
     serve.add_argument("--max-models-per-replica", type=int, help="models one replica keeps loaded")
     serve.add_argument("--replica-memory", help="model-memory budget per replica, e.g. 2Gi")
@@ -224,7 +230,7 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("action", choices=["list", "load", "unload"])
     models.add_argument("name", nargs="?")
     models.add_argument("--storage-uri", help="artifact location (omit to load NAME from the server's repository)")
-    models.add_argument("--framework", help="sklearn, xgboost, lightgbm or onnx")
+    models.add_argument("--framework", help=f"one of {', '.join(framework_table.NAMES)}")
     models.add_argument("--memory", help="declared memory, e.g. 256Mi")
     models.add_argument("--max-batch-size", type=int, help="let this model batch waiting requests, up to N rows")
     models.add_argument("--json", action="store_true", help="print raw JSON")

@@ -1,4 +1,6 @@
-"""Encoders and decoders between HTTP bodies and numpy tensors: Open Inference Protocol (V2) and KServe V1.
+"""Encoders and decoders between HTTP bodies and numpy tensors: Open Inference Protocol (V2) and KServe V1. The
+gRPC service (:mod:`rayms.grpc_api`) shares the raw-tensor layout through :func:`decode_raw_tensor`,
+:func:`encode_raw_tensor` and :func:`selected_outputs`.
 
 Every inference request passes through here, so this module stays on the fast path: no pydantic, orjson for JSON,
 and binary tensors (OIP binary tensor data extension) mapped with ``np.frombuffer`` without copying. The value types
@@ -425,6 +427,41 @@ def encode_v2_response(
         return header, {"content-type": JSON_CONTENT_TYPE}
     headers = {"content-type": BINARY_CONTENT_TYPE, "inference-header-content-length": str(len(header))}
     return b"".join([header, *chunks]), headers
+
+
+def selected_outputs(request: InferRequest, result: InferResult) -> list[Tensor]:
+    """The outputs a request asked for, in its order (every output when it named none); an output the model does
+    not produce raises InvalidInput. Any transport's encoder starts from this."""
+    return [tensor for tensor, _ in _selected_outputs(request=request, result=result, default_binary=False)]
+
+
+def decode_raw_tensor(raw: Any, *, name: str, datatype: str, shape: list[int],
+                      parameters: dict[str, Any] | None = None) -> Tensor:
+    """A tensor from its raw bytes: row-major, little-endian, no padding; BYTES elements each a 4-byte
+    little-endian length and the bytes (a binary tensor of the HTTP extension, a gRPC ``raw_input_contents``
+    entry). The data is a read-only view of ``raw``."""
+    if datatype not in DATATYPES:
+        raise InvalidInput(f"input {name}: unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
+    if not all(dim >= 0 for dim in shape):
+        raise InvalidInput(f"input {name}: shape must be a list of non-negative integers, got {shape!r}")
+    data = _from_binary(memoryview(raw), name=name, datatype=datatype, shape=shape, count=math.prod(shape))
+    return Tensor(name=name, datatype=datatype, shape=shape, data=data, parameters=parameters or {})
+
+
+def encode_raw_tensor(tensor: Tensor) -> bytes:
+    """The raw bytes of an output tensor (the layout :func:`decode_raw_tensor` reads)."""
+    data = tensor.data if isinstance(tensor.data, np.ndarray) else np.asarray(tensor.data)
+    datatype = tensor.datatype or datatype_of(data)
+    if data.size != math.prod(tensor.shape):
+        raise InferenceError(f"output {tensor.name}: shape {list(tensor.shape)} needs {math.prod(tensor.shape)} "
+                             f"elements, the model returned {data.size}")
+    if datatype not in DATATYPES:
+        raise NotSupported(f"output {tensor.name}: unknown datatype {datatype!r}")
+    try:
+        chunk = _binary_data(data, datatype=datatype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InferenceError(f"output {tensor.name}: cannot be encoded as {datatype}: {exc}") from exc
+    return chunk if isinstance(chunk, bytes) else chunk.tobytes()
 
 
 def _selected_outputs(*, request: InferRequest, result: InferResult, default_binary: bool) -> list[tuple[Tensor, bool]]:

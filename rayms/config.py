@@ -16,16 +16,15 @@ import os
 import json
 import math
 import re
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rayms import framework_table
 from rayms.errors import InvalidMemory, InvalidSpec, UnsupportedFramework
-
-FRAMEWORKS = ("sklearn", "xgboost", "lightgbm", "onnx")
+from rayms.memory import replica_budget_bytes
 
 # Kubernetes resource quantities (apimachinery's resource.Quantity), the subset that means bytes. Matched
 # against stripped text of at most MAX_QUANTITY_CHARS characters, and no two neighbouring parts of the pattern
@@ -101,6 +100,8 @@ class ModelSpec(BaseModel):
 
     ``memory`` is kept as the user wrote it; ``memory_bytes`` is the parsed value (0 when undeclared).
     ``parameters`` are model-level defaults for predict options (e.g. ``{"predict_proba": true}``).
+    ``version`` is the version the model had where it came from (MLServer's ``parameters.version``, a
+    Triton version folder): requests may name it, and answers carry it.
     """
 
     model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
@@ -109,18 +110,15 @@ class ModelSpec(BaseModel):
     framework: str
     memory: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
+    version: str | None = Field(default=None, min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     sha256: str | None = None
     """Hex SHA-256 of the file the URI names (an archive as packed), checked after download, before use."""
 
     @field_validator("framework", mode="before")
     @classmethod
     def _known_framework(cls, value: Any) -> str:
-        text = str(value.value if isinstance(value, Enum) else value).strip().lower()
-        aliases = {"scikit-learn": "sklearn", "lgbm": "lightgbm"}
-        text = aliases.get(text, text)
-        if text not in FRAMEWORKS:
-            raise ValueError(f"framework {value!r} is not supported; use one of {', '.join(FRAMEWORKS)}")
-        return text
+        # UnsupportedFramework is not a ValueError: pydantic lets it through, and parse() keeps its type.
+        return framework_table.canonical(value)
 
     @field_validator("memory", mode="before")
     @classmethod
@@ -175,8 +173,10 @@ class ModelSpec(BaseModel):
             )
             # The field that failed decides the kind of error (and so a TrainedModel's condition).
             fields = {str(err["loc"][0]) for err in errors if err["loc"]}
-            kind = UnsupportedFramework if "framework" in fields else InvalidMemory if "memory" in fields else InvalidSpec
+            kind = InvalidMemory if "memory" in fields else InvalidSpec
             raise kind(f"{prefix}invalid model spec: {problems}") from exc
+        except UnsupportedFramework as exc:
+            raise UnsupportedFramework(exc.args[0], exc.args[1], name) from exc
         except InvalidSpec as exc:
             raise type(exc)(f"{prefix}{exc}") from exc
 
@@ -198,6 +198,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     """HTTP port of the endpoint."""
 
+    grpc_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of the Open Inference Protocol's gRPC endpoint (``inference.GRPCInferenceService``) on ``host``;
+    None serves no gRPC."""
+
     num_replicas: PositiveInt = Field(default_factory=lambda: os.cpu_count() or 1)
     """Number of model replicas, each with its own LRU of loaded models (default: one per core, since a
     replica serves requests on one core)."""
@@ -210,11 +214,17 @@ class Settings(BaseSettings):
     """For ``rayms serve``: put Ray Serve's HAProxy in front, hashing the model's URL so each model has a
     home replica (only when Ray is started by rayms; on a cluster, set Ray's variables yourself)."""
 
-    max_models_per_replica: PositiveInt = 100
-    """How many models one replica keeps loaded before evicting the least recently used."""
+    max_models_per_replica: PositiveInt | None = None
+    """At most this many models loaded in one replica (least recently used evicted beyond). Default: no count
+    limit; the memory budget alone decides how many fit."""
 
-    replica_memory_bytes: PositiveInt = 2 * 2**30
-    """Model-memory budget of one replica; declared model memory is admitted and evicted against it."""
+    replica_memory_bytes: PositiveInt | None = None
+    """Model-memory budget of one replica: models are admitted and evicted against it, each charged the larger
+    of its declared memory and what it measured on load. Default: ``replica_memory_fraction`` of what the
+    machine (or container) really has, shared by the replicas on the node."""
+
+    replica_memory_fraction: float = Field(default=0.5, gt=0, le=1)
+    """Share of the node's memory the replicas' models may use together when ``replica_memory_bytes`` is unset."""
 
     replica_num_cpus: float = Field(default=0.0, ge=0)
     """CPUs Ray reserves per model replica (0 lets replicas share a small machine)."""
@@ -233,6 +243,11 @@ class Settings(BaseSettings):
     cache_dir: str = str(Path.home() / ".cache" / "rayms")
     """Per-node folder holding downloaded artifacts, keyed by spec. Each node's agent resolves it: ``~`` and
     ``$VARS`` take that node's home and environment."""
+
+    allow_custom_code: bool = False
+    """Let ``framework: custom`` models run: their class is user code, imported and run inside the replicas
+    (from an installed package or a ``.py`` file beside the artifact). Off by default; a custom model
+    then ends FAILED saying so. (Unpickling a scikit-learn model runs code too: serve only trusted ones.)"""
 
     pvc_root: str = "/mnt/pvc"
     """Where ``pvc://<claim>/<path>`` is mounted: ``<pvc_root>/<claim>/<path>``."""
@@ -396,6 +411,19 @@ class Settings(BaseSettings):
             raise ValueError(f"bridge_stale_after_s ({self.bridge_stale_after_s}) must exceed bridge_watch_timeout_s "
                              f"+ bridge_request_timeout_s ({quiet}): a healthy watch may be silent that long")
         return self
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> "Settings":
+        if self.grpc_port is not None and self.grpc_port == self.port and self.port != 0:
+            raise ValueError(f"grpc_port {self.grpc_port} is also the HTTP port; give gRPC a port of its own")
+        return self
+
+    def model_budget_bytes(self, replicas_on_node: int | None = None) -> int:
+        """One replica's model-memory budget: ``replica_memory_bytes``, or its share of the node's memory."""
+        if self.replica_memory_bytes is not None:
+            return self.replica_memory_bytes
+        return replica_budget_bytes(fraction=self.replica_memory_fraction,
+                                    replicas_on_node=replicas_on_node or self.num_replicas)
 
     def resolved_state_uri(self) -> str:
         """``state_uri``, or the default: one file per (app name, port, model repository, models file)."""

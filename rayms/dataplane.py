@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from rayms import framework_table
 from rayms.codecs import InferRequest, InferResult, RequestedOutput, Tensor
 from rayms.config import ModelSpec, Settings, validate_model_name
 from rayms.errors import (
@@ -89,7 +90,7 @@ class DataPlane:
                 # Just started and not yet told what exists: "unknown" would be a lie, so ask to retry.
                 raise Overloaded(f"model {name}: this replica has not heard from the model registry yet; retry shortly")
             raise ModelNotFound(name)
-        if model_version is not None and model_version != str(status.version):
+        if model_version is not None and model_version not in (str(status.version), _declared(status)):
             raise ModelNotFound(name, model_version)
         return status
 
@@ -105,7 +106,7 @@ class DataPlane:
         if not metadata and status.ready:
             metadata = await self._models.metadata(name)
         return MetadataModelResponse(
-            name=name, versions=[str(status.version)], platform=_platform(status.framework),
+            name=name, versions=[_declared(status) or str(status.version)], platform=_platform(status.framework),
             inputs=metadata.get("inputs", []), outputs=metadata.get("outputs", []),
             properties={"framework": status.framework, "state": status.state.value},
         )
@@ -123,7 +124,8 @@ class DataPlane:
         with naming_model(name):
             result = await self._models.infer(name, request)
         # The replica's word, not the view's: the view names a new version as soon as it is registered.
-        return result.model_version or str(status.version), result
+        answered = result.model_version or str(status.version)
+        return (_declared(status) or answered) if answered == str(status.version) else answered, result
 
     # ---------------------------------------------------------------- repository
     def repository_index(self, ready_only: bool = False) -> list[ModelStatus]:
@@ -245,6 +247,11 @@ def _config_spec(name: str, config: Any) -> Any:
     return value
 
 
+def _declared(status: ModelStatus) -> str | None:
+    """The version a model had where it came from (MLServer's, a Triton folder's): clients may name it."""
+    return status.spec.version if status.spec is not None else None
+
+
 def _platform(framework: str) -> str:
-    return {"onnx": "onnx_onnxv1"}.get(framework, f"{framework}_{framework}")
+    return framework_table.platform(framework)
 

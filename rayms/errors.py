@@ -86,6 +86,20 @@ class InvalidSpec(RaymsError):
     status_code = 400
 
 
+class UnsupportedFramework(InvalidSpec):
+    """A spec names a framework rayms does not serve. Its own class so the Kubernetes bridge can report it
+    under the ``FrameworkSupported`` condition."""
+
+    def __init__(self, framework: object, supported: tuple[str, ...] = (), model: str = "") -> None:
+        super().__init__(framework, tuple(supported), model)
+
+    def __str__(self) -> str:
+        framework, supported, model = self.args
+        text = f"model {model}: " if model else ""
+        text += f"framework {framework!r} is not supported"
+        return f"{text}; use one of {', '.join(supported)}" if supported else text
+
+
 class MemoryUnavailable(InvalidSpec):
     """The model declares more memory than one replica's model-memory budget."""
 
@@ -116,10 +130,6 @@ class InferenceError(RaymsError):
     """The model raised while predicting."""
 
     status_code = 500
-
-
-class UnsupportedFramework(InvalidSpec):
-    """The spec names a framework rayms has no runtime for (a TrainedModel's ``FrameworkSupported``)."""
 
 
 class InvalidMemory(InvalidSpec):

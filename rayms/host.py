@@ -26,6 +26,7 @@ from rayms.codecs import InferRequest, InferResult, Tensor
 from rayms.config import ModelSpec, Settings
 from rayms.errors import ModelNotFound, ModelNotReady
 from rayms.isolation import PredictRunner
+from rayms.memory import process_rss_bytes
 from rayms.model_cache import LoadedModel, ModelCache
 from rayms.status import LoadReport, ModelState, ReplicaReport
 from rayms.view import RegistryView
@@ -85,7 +86,7 @@ class ModelHost:
     """Loads, holds, evicts and runs the models of one replica."""
 
     def __init__(self, settings: Settings, *, view: RegistryView, artifacts: ArtifactSource,
-                 reporter: RegistryReporter, replica_id: str, node_id: str = "",
+                 reporter: RegistryReporter, replica_id: str, node_id: str = "", replicas_on_node: int | None = None,
                  telemetry: Telemetry | None = None, announce: Callable[[list[str]], None] | None = None) -> None:
         self._settings = settings
         self._view = view
@@ -97,7 +98,8 @@ class ModelHost:
         self.node_id = node_id
         self._batch_default = BatchPolicy(max_batch_size=settings.max_batch_size,
                                           max_latency_s=settings.max_batch_latency_ms / 1000)
-        self._cache = ModelCache(max_models=settings.max_models_per_replica, budget_bytes=settings.replica_memory_bytes,
+        self._cache = ModelCache(max_models=settings.max_models_per_replica,
+                                 budget_bytes=settings.model_budget_bytes(replicas_on_node),
                                  load_fn=self._load_runtime, on_change=self._resident_changed)
         self._runner = PredictRunner(threads=settings.predict_threads, timeout_s=settings.predict_timeout_s,
                                      quarantine_after=settings.quarantine_after, on_quarantine=self._quarantine)
@@ -214,17 +216,22 @@ class ModelHost:
         if fetched:
             path = await self._artifacts.fetch(name, spec)
         self._reporter.loading(name, version)
+        before = process_rss_bytes()
         try:
-            runtime = await asyncio.to_thread(frameworks.load_runtime, spec.framework, Path(path), parameters)
+            runtime = await asyncio.to_thread(frameworks.load_runtime, spec.framework, Path(path), parameters,
+                                              allow_code=self._settings.allow_custom_code)
         except Exception:
             self._telemetry.count_load(name, ok=False)
             raise
         finally:
             if fetched:  # read: from now on the node's cache may remove it (rayms.agent says when)
                 self._artifacts.release(name, spec)
+        # What the model occupies: what loading it added to this process (never less than its artifact). Loads
+        # running at the same moment add to each other's reading, which errs on the side of charging more.
+        grown = process_rss_bytes() - before
         self._telemetry.count_load(name, ok=True, seconds=time.perf_counter() - started)
         logger.info("model %s: version %d loaded on replica %s", name, version, self.replica_id)
-        return runtime, frameworks.measure_size(runtime)
+        return runtime, max(frameworks.measure_size(runtime), grown)
 
     def _quarantine(self, name: str, reason: str) -> None:
         model = self._cache.peek(name)

@@ -22,6 +22,7 @@ from ray import serve
 from rayms.app import build_app, resolve_settings
 from rayms.cluster.agent import AGENT_NAMESPACE
 from rayms.config import Settings
+from rayms.cluster.grpc import serve_grpc_options
 from rayms.ports import free_port
 from rayms.ray_env import HAPROXY_ROUTING, LOCAL_RAY_ENV
 
@@ -73,7 +74,8 @@ def start(settings: Settings | None = None, *, num_cpus: int | None = None, **ov
             log_to_driver=False,
             runtime_env={"env_vars": {k: os.environ[k] for k in env}},
         )
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(http_options={"host": settings.host, "port": settings.port},
+                grpc_options=serve_grpc_options(settings))
     return serve.run(build_app(settings), name=settings.app_name, route_prefix="/")
 
 

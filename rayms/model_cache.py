@@ -2,7 +2,7 @@
 
 Ray Serve's own multiplexing counts models and takes one lock per replica, so one slow load stalls every
 other load and a failed load still evicts a model. This cache locks per model, charges each model its
-declared memory (or its measured size when it declared none), and evicts least-recently-used models only once
+declared memory or what it measured on load, whichever is larger, and evicts least-recently-used models only once
 a load has succeeded: a load that fails evicts nothing. The price is that, while a model loads, the replica
 may hold up to that one model beyond its budget. It keeps serving the old version of a model while a new
 version loads.
@@ -50,7 +50,7 @@ class ModelCache:
     is told whenever the resident set changes (the replica reports it for routing and the index).
     """
 
-    def __init__(self, *, max_models: int, budget_bytes: int, load_fn: LoadFn, on_change: ChangeFn) -> None:
+    def __init__(self, *, max_models: int | None, budget_bytes: int, load_fn: LoadFn, on_change: ChangeFn) -> None:
         self.max_models = max_models
         self.budget_bytes = budget_bytes
         self._load_fn = load_fn
@@ -121,7 +121,7 @@ class ModelCache:
                         f"model-memory budget of {self.budget_bytes} bytes")
                 started = time.monotonic()
                 runtime, measured = await self._load_fn(name, spec, version)
-                charged = declared or measured
+                charged = max(declared, measured)
                 loaded = LoadedModel(
                     name=name, version=version, spec=spec, runtime=runtime, charged_bytes=charged,
                     measured_bytes=measured, load_time_s=time.monotonic() - started)
@@ -157,7 +157,7 @@ class ModelCache:
     def _evict_for(self, *, keep: str) -> list[str]:
         """Drop least-recently-used models other than ``keep`` until count and memory are within limits."""
         evicted: list[str] = []
-        while self._models and (len(self._models) > self.max_models or self.used_bytes > self.budget_bytes):
+        while self._models and (self._over_count() or self.used_bytes > self.budget_bytes):
             victim = next((n for n in self._models if n != keep), None)
             if victim is None:
                 break
@@ -166,6 +166,9 @@ class ModelCache:
             self.evictions += 1
             logger.info("model %s: evicted (least recently used)", victim)
         return evicted
+
+    def _over_count(self) -> bool:
+        return self.max_models is not None and len(self._models) > self.max_models
 
     def _drop(self, name: str) -> None:
         model = self._models.pop(name)

@@ -168,7 +168,7 @@ class ModelRegistry:
         source = Source.parse(source)
         check_storage(self._settings, spec.storage_uri)
         self._check_owner(name, source, force)
-        budget = self._settings.replica_memory_bytes
+        budget = self._settings.model_budget_bytes()
         if spec.memory_bytes > budget:
             raise MemoryUnavailable(
                 f"model {name}: declared memory {spec.memory} ({spec.memory_bytes} bytes) exceeds the "
@@ -206,8 +206,14 @@ class ModelRegistry:
 
     async def register_failed(self, name: str, reason: str, source: Source) -> ModelStatus:
         """Record a model that a source declares but rayms cannot read (e.g. a repository folder with no
-        model file): it shows in the index as FAILED with ``reason`` and is not persisted or loaded."""
+        model file): it shows in the index as FAILED with ``reason`` and is not persisted or loaded. A model
+        that serves under that name is never replaced by it (its source may be broken now; it still serves)."""
         validate_model_name(name)
+        source = Source.parse(source)
+        current = self._records.get(name)
+        if current is not None and current.spec is not None:
+            logger.error("model %s: %s; the version registered before keeps serving", name, reason)
+            return current.status()
         record = ModelRecord(name=name, spec=None, source=source, state=ModelState.FAILED, reason=reason)
         self._records[name] = record
         self._tombstones.pop(name, None)

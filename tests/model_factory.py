@@ -3,7 +3,9 @@
 Any test that needs a servable artifact uses these instead of checked-in binaries. Every builder
 trains on :func:`make_data` (4 float features; classifiers learn 3 classes, or 2 with ``binary``),
 saves ``model<ext>`` into ``folder`` and returns ``(path, expected)`` where ``expected(x, proba=False)``
-gives the in-process model's predictions (or probabilities) for a 2-D array. Each takes well under 1 s.
+gives the in-process model's predictions (or probabilities) for a 2-D array: ``predict`` for scikit-learn
+and ONNX, ``Booster.predict`` for XGBoost and LightGBM (what a server answers by default). Each takes
+well under 1 s.
 """
 
 from __future__ import annotations
@@ -64,21 +66,40 @@ def make_sklearn(folder: Path | str, kind: str = "logreg", ext: str = ".joblib")
     return path, _expect(model)
 
 
-def make_xgboost(folder: Path | str, ext: str = ".json", task: str = "multiclass") -> tuple[Path, Expected]:
-    """``task``: ``multiclass`` (multi:softprob), ``binary`` (binary:logistic) or ``regression``."""
+def _expect_booster(model, booster_predict: Callable[[np.ndarray], np.ndarray]) -> Expected:
+    """``expected(x)`` is ``Booster.predict`` (what KServe's servers answer); ``proba=True`` the wrapper's
+    ``predict_proba``; ``labels=True`` the wrapper's ``predict`` (class labels for classifiers)."""
+    def expected(x: np.ndarray, proba: bool = False, labels: bool = False) -> np.ndarray:
+        if proba:
+            return model.predict_proba(x)
+        return model.predict(x) if labels else booster_predict(x)
+    return expected
+
+
+XGBOOST_TASKS = {"multiclass": "multi:softprob", "softmax": "multi:softmax", "binary": "binary:logistic",
+                 "regression": "reg:squarederror"}
+
+
+def make_xgboost(folder: Path | str, ext: str = ".json", task: str = "multiclass",
+                 save: str = "booster") -> tuple[Path, Expected]:
+    """``task``: ``multiclass`` (multi:softprob), ``softmax`` (multi:softmax), ``binary`` (binary:logistic) or
+    ``regression`` (reg:squarederror). ``save``: ``booster`` (``Booster.save_model``, as KServe's examples
+    do) or ``sklearn`` (``XGBClassifier.save_model``, which records that a classifier saved it)."""
     import xgboost
 
     x, labels, target = make_data(classes=2 if task == "binary" else 3)
-    params = {"n_estimators": 5, "max_depth": 3, "n_jobs": 1}
+    params = {"n_estimators": 5, "max_depth": 3, "n_jobs": 1, "objective": XGBOOST_TASKS[task]}
     if task == "regression":
         model = xgboost.XGBRegressor(**params).fit(x, target)
     else:
         model = xgboost.XGBClassifier(**params).fit(x, labels)
     path = _target(folder, ext)
-    model.get_booster().save_model(str(path) if ext != ".bst" else str(path.with_suffix(".ubj")))
+    saver = model if save == "sklearn" else model.get_booster()
+    saver.save_model(str(path) if ext != ".bst" else str(path.with_suffix(".ubj")))
     if ext == ".bst":  # XGBoost warns on unknown extensions; a .bst is UBJSON under another name
         path.with_suffix(".ubj").rename(path)
-    return path, _expect(model)
+    booster = model.get_booster()
+    return path, _expect_booster(model, lambda rows: booster.predict(xgboost.DMatrix(rows)))
 
 
 def make_lightgbm(folder: Path | str, ext: str = ".txt", task: str = "multiclass") -> tuple[Path, Expected]:
@@ -93,7 +114,7 @@ def make_lightgbm(folder: Path | str, ext: str = ".txt", task: str = "multiclass
         model = lightgbm.LGBMClassifier(**params).fit(x, labels)
     path = _target(folder, ext)
     model.booster_.save_model(str(path))
-    return path, _expect(model)
+    return path, _expect_booster(model, model.booster_.predict)
 
 
 def make_onnx(folder: Path | str, kind: str = "logreg", zipmap: bool = False) -> tuple[Path, Expected]:

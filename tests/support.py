@@ -34,8 +34,9 @@ def v2_body(rows) -> dict:
 
 
 def prediction(response):
-    """The ``predict`` output of a V2 infer response, as float64."""
+    """The ``predict`` output of a V2 infer response, as float64 in its shape (``[N, classes]`` for a
+    booster's probabilities)."""
     import numpy as np
 
     output = next(o for o in response.json()["outputs"] if o["name"] == "predict")
-    return np.asarray(output["data"], dtype=np.float64)
+    return np.asarray(output["data"], dtype=np.float64).reshape(output["shape"])

@@ -5,6 +5,7 @@ them between runs (a moved helper, a changed signature)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.mark.parametrize("script", ["serve_bench.py", "lifecycle_bench.py", "profile_rayms.py", "k8s_bench.py",
-                                    "gen_models.py"])
+                                    "gen_models.py", "grpc_bench.py", "grpc_load.py"])
 def test_each_benchmark_script_starts(script):
     done = subprocess.run([sys.executable, str(BENCH / script), "--help"], cwd=BENCH, capture_output=True,
                           text=True, timeout=120)
@@ -46,3 +47,42 @@ def test_the_record_helpers_the_benchmarks_share():
         assert "infer, model evicted" in table and "15.0" in table
     finally:
         sys.path.remove(str(BENCH))
+
+
+def test_the_grpc_load_generator_runs_a_tiny_load_and_counts_failures(tmp_path):
+    """grpc_load.py against a gRPC server in this process that answers every other call UNAVAILABLE."""
+    from concurrent import futures
+
+    import grpc
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import grpc_load
+    finally:
+        sys.path.remove(str(BENCH))
+    calls = []
+
+    def infer(request: bytes, context) -> bytes:
+        calls.append(request)
+        if len(calls) % 2 == 0:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "every other call")
+        return b""
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        grpc_load.write_bodies(tmp_path / "bodies.bin", [b"first", b"second body"])
+        assert grpc_load.read_bodies(tmp_path / "bodies.bin") == [b"first", b"second body"]
+        done = subprocess.run([sys.executable, str(BENCH / "grpc_load.py"), "--target", f"127.0.0.1:{port}",
+                               "--bodies", str(tmp_path / "bodies.bin"), "--concurrency", "2", "--duration", "0.5"],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        server.stop(None)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.split("GRPC_LOAD_JSON ", 1)[1])
+    assert summary["requests"] > 0 and summary["failures"]["UNAVAILABLE"] > 0
+    assert summary["requests"] + summary["failures"]["UNAVAILABLE"] == len(calls)
+    assert set(calls) <= {b"first", b"second body"} and 0 < summary["p50_us"] <= summary["max_us"]

@@ -29,6 +29,8 @@ def served(tmp_path_factory):
         "cli-xgb": make_xgboost(repo / "cli-xgb")[1],
         "cli-lgb": make_lightgbm(repo / "cli-lgb")[1],
     }
+    (repo / "cli-broken").mkdir()  # a folder that cannot be served must not stop the others
+    (repo / "cli-broken" / "model.bst").write_bytes(b"written by neither XGBoost nor LightGBM")
     extra, _ = make_sklearn(tmp_path_factory.mktemp("extra") / "m", kind="rf")
     port = free_port()
     log = tmp_path_factory.mktemp("log") / "serve.log"
@@ -60,7 +62,9 @@ def cli(served, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_repository_models_are_ready_and_answer_v1_and_v2(served):
-    assert "model cli-sk: READY" in served["log"].read_text()
+    log = served["log"].read_text()
+    assert "model cli-sk: READY" in log
+    assert "model cli-broken: FAILED" in log and "no xgboost or lightgbm model format" in log
     rows = make_data(n=4, seed=11)[0]
     for name, expected in served["expected"].items():
         want = np.asarray(expected(rows))
@@ -179,6 +183,7 @@ def test_ctrl_c_stops_everything_it_started(served):
     (["--max-batch-size", "0"], "max_batch_size"),
     (["--max-models-per-replica", "-1"], "max_models_per_replica"),
     (["--port", "70000"], "port"),
+    (["--port", "8123", "--grpc-port", "8123"], "grpc_port"),
     (["--replica-memory", "lots"], "--replica-memory"),
 ])
 def test_serve_refuses_bad_settings_before_starting_anything(flags, named, tmp_path):

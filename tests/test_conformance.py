@@ -1,8 +1,9 @@
 """Protocol conformance: the clients people actually use, against the real app over HTTP.
 
 tritonclient's HTTP client speaks the Open Inference Protocol with Triton's binary tensor and model repository
-extensions; KServe's ``InferenceRESTClient`` speaks V1 and V2. Each is pointed at the session server, and every
-answer is checked against the in-process model, so a codec or routing slip shows up as a wrong number.
+extensions (KServe's ``InferenceRESTClient`` is in ``test_conformance_kserve``). It is pointed at the session
+server, and every answer is checked against the in-process model, so a codec or routing slip shows up as a wrong
+number.
 
 rayms's answer to tritonclient's ``load_model(name, config=...)``: ``config`` is read as a JSON TrainedModel
 ``spec.model`` (``{"storageUri": ..., "framework": ...}``); anything else is 400. A load without a body needs
@@ -18,8 +19,6 @@ import joblib
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
-from kserve.protocol.infer_type import RequestedOutput
 from tritonclient.utils import InferenceServerException
 
 from tests.model_factory import make_data, make_sklearn
@@ -197,54 +196,3 @@ def test_triton_load_without_body_reads_the_model_repository(repository_app):
         assert missing.value.status() == "404" and "conf-not-in-folder" in missing.value.message()
         client.unload_model("conf-from-folder")
         assert not client.is_model_ready("conf-from-folder")
-
-
-# ------------------------------------------------------------------------------------------ KServe client
-async def test_kserve_v1_predict_and_readiness(rayms_server, model):
-    _, expected = model
-    rows = make_data(n=5, seed=11)[0]
-    async with InferenceRESTClient(RESTConfig(protocol="v1", timeout=120)) as v1:
-        assert await v1.is_server_live(rayms_server.url)
-        assert await v1.is_model_ready(rayms_server.url, MODEL)
-        answer = await v1.infer(rayms_server.url, data={"instances": rows.tolist()}, model_name=MODEL)
-        as_ints = await v1.infer(rayms_server.url, data={"instances": integral_rows().astype(int).tolist()},
-                                 model_name=MODEL)
-    assert answer == {"predictions": expected(rows).tolist()}
-    assert as_ints == {"predictions": expected(integral_rows()).tolist()}
-
-
-async def test_kserve_v1_unknown_model_raises_404(rayms_server, model):
-    import httpx
-
-    async with InferenceRESTClient(RESTConfig(protocol="v1", timeout=120)) as v1:
-        with pytest.raises(httpx.HTTPStatusError) as missing:
-            await v1.infer(rayms_server.url, data={"instances": [[1, 2, 3, 4]]}, model_name="conf-no-such-model")
-    assert missing.value.response.status_code == 404
-    assert "conf-no-such-model" in str(missing.value)  # the client copies the server's "error" string
-
-
-async def test_kserve_v2_health_and_readiness(rayms_server, model):
-    async with InferenceRESTClient(RESTConfig(protocol="v2", timeout=120)) as v2:
-        assert await v2.is_server_ready(rayms_server.url)
-        assert await v2.is_server_live(rayms_server.url)
-        assert await v2.is_model_ready(rayms_server.url, MODEL)
-        assert not await v2.is_model_ready(rayms_server.url, "conf-no-such-model")
-
-
-@pytest.mark.parametrize("binary_inputs", [True, False], ids=["binary-in", "json-in"])
-async def test_kserve_v2_infer(rayms_server, model, binary_inputs):
-    _, expected = model
-    rows = integral_rows().astype(np.float32)
-    tensor = InferInput(name="input-0", shape=list(rows.shape), datatype="FP32")
-    tensor.set_data_from_numpy(rows, binary_data=binary_inputs)
-    request = InferRequest(
-        model_name=MODEL, infer_inputs=[tensor], request_id=f"kserve-{binary_inputs}",
-        request_outputs=[RequestedOutput("predict", parameters={"binary_data": binary_inputs}),
-                         RequestedOutput("predict_proba", parameters={"binary_data": not binary_inputs})])
-    async with InferenceRESTClient(RESTConfig(protocol="v2", timeout=120)) as v2:
-        response = await v2.infer(rayms_server.url, request, model_name=MODEL)
-    assert response.id == f"kserve-{binary_inputs}" and response.model_name == MODEL
-    outputs = {o.name: o.as_numpy() for o in response.outputs}
-    assert list(outputs) == ["predict", "predict_proba"]
-    assert np.array_equal(outputs["predict"], expected(rows))
-    assert np.allclose(outputs["predict_proba"], expected(rows, proba=True), rtol=1e-5, atol=1e-7)

@@ -221,10 +221,12 @@ def test_resolve_model_file_rules(tmp_path):
 
 def test_framework_from_extension(tmp_path):
     for name, framework in [("m.joblib", "sklearn"), ("m.PKL", "sklearn"), ("m.pickle", "sklearn"),
-                            ("m.json", "xgboost"), ("m.ubj", "xgboost"), ("m.bst", "xgboost"),
-                            ("m.txt", "lightgbm"), ("m.onnx", "onnx")]:
+                            ("m.json", "xgboost"), ("m.ubj", "xgboost"), ("m.txt", "lightgbm"), ("m.onnx", "onnx")]:
         (tmp_path / name).write_text("x")
         assert framework_from_extension(tmp_path / name) == framework
+    (tmp_path / "m.bst").write_text("x")  # two frameworks use .bst: the content decides (tests/test_answers.py)
+    with pytest.raises(InvalidSpec, match="no xgboost or lightgbm model format"):
+        framework_from_extension(tmp_path / "m.bst")
     folder = tmp_path / "served"
     mf.make_lightgbm(folder)
     (folder / "README.md").write_text("docs")

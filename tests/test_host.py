@@ -246,8 +246,8 @@ async def test_a_hanging_model_times_out_is_quarantined_and_others_keep_serving(
     root, made = models
     hanging = Hanging()
     real = frameworks.load_runtime
-    monkeypatch.setattr(frameworks, "load_runtime", lambda fw, path, params=None: hanging
-                        if "rf" in str(path) else real(fw, path, params))
+    monkeypatch.setattr(frameworks, "load_runtime", lambda fw, path, params=None, **kw: hanging
+                        if "rf" in str(path) else real(fw, path, params, **kw))
     feed = Feed()
     await feed.put(status("stuck", str(root / "rf")))
     await feed.put(status("fine", str(root / "logreg")))
@@ -270,3 +270,34 @@ async def test_a_hanging_model_times_out_is_quarantined_and_others_keep_serving(
     finally:
         hanging.release.set()
         await host.stop()
+
+
+async def test_a_model_is_charged_what_it_occupies_once_loaded_not_its_compressed_file(tmp_path):
+    import joblib
+    from sklearn.ensemble import RandomForestClassifier
+
+    x, labels, _ = mf.make_data(n=2000, seed=5)
+    forest = RandomForestClassifier(n_estimators=300, random_state=0).fit(x, labels)
+    (tmp_path / "forest").mkdir()
+    joblib.dump(forest, tmp_path / "forest" / "model.joblib", compress=9)
+    size = (tmp_path / "forest" / "model.joblib").stat().st_size
+    feed = Feed()
+    host, _, _ = await make_host(tmp_path, feed)
+    report = await host.load_model("forest", ModelSpec(storage_uri=str(tmp_path / "forest"), framework="sklearn"), 1)
+    assert report.measured_bytes > 2 * size, (report.measured_bytes, size)
+    assert host.report().models["forest"].charged_bytes == report.measured_bytes
+    await host.stop()
+
+
+def test_the_default_budget_is_a_share_of_what_the_machine_really_has(tmp_path):
+    from rayms.memory import machine_memory_bytes, replica_budget_bytes
+
+    meminfo, limit = tmp_path / "meminfo", tmp_path / "memory.max"
+    meminfo.write_text("MemTotal:       16384000 kB\nMemFree: 1 kB\n")
+    limit.write_text("4294967296\n")
+    assert machine_memory_bytes(meminfo=meminfo, cgroups=(limit,)) == 4 * 2**30  # the container's limit wins
+    limit.write_text("max\n")
+    assert machine_memory_bytes(meminfo=meminfo, cgroups=(limit,)) == 16384000 * 1024
+    assert replica_budget_bytes(fraction=0.5, replicas_on_node=2, machine_bytes=8 * 2**30) == 2 * 2**30
+    assert Settings(replica_memory_bytes=123 * 2**20).model_budget_bytes() == 123 * 2**20
+    assert Settings(num_replicas=2).model_budget_bytes() == replica_budget_bytes(fraction=0.5, replicas_on_node=2)

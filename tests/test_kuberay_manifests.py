@@ -42,7 +42,8 @@ from packaging.utils import canonicalize_name
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from rayms.config import FRAMEWORKS, ModelSpec, Settings
+from rayms.config import ModelSpec, Settings
+from rayms.framework_table import NAMES
 from rayms.k8s import TrainedModelBridge
 from rayms.k8s.client import SERVICE_ACCOUNT_NAMESPACE
 from rayms.k8s.resources import parse
@@ -55,6 +56,7 @@ from tests.support import DirectRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "kuberay"
+FRAMEWORKS = [name for name in NAMES if name != "custom"]  # a custom model runs user code: no example of it
 KSERVE_CRD_REFERENCE = ROOT.parent / "shared" / "reference" / "kserve-trainedmodel-crd.yaml"
 KUBERNETES_VERSION = "1.30"
 BUILTIN_KINDS = {"ServiceAccount", "Role", "RoleBinding", "CustomResourceDefinition", "NetworkPolicy"}
@@ -358,6 +360,18 @@ def test_every_node_routes_by_model_through_haproxy_as_rayms_serve_does():
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert {k: env.get(k) for k in HAPROXY_ROUTING} == HAPROXY_ROUTING, group
     assert serve_config()["proxy_location"] == "EveryNode", "HAProxy runs where Serve would run its proxies"
+
+
+def test_grpc_is_served_and_exposed_on_its_own_port():
+    from ray.serve.config import gRPCOptions
+
+    from rayms.cluster.grpc import SERVICER_FUNCTION
+
+    options = gRPCOptions(**serve_config()["grpc_options"])
+    assert options.grpc_servicer_functions == [SERVICER_FUNCTION]
+    assert callable(options.grpc_servicer_func_callable[0])  # the import path resolves
+    ports = {p["name"]: p["port"] for p in the_rayservice()["spec"]["serveService"]["spec"]["ports"]}
+    assert ports == {"serve": serve_config()["http_options"]["port"], "grpc": options.port}
 
 
 def dockerfile() -> str:

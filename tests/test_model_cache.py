@@ -147,3 +147,15 @@ async def test_hit_serves_only_a_current_resident_model_and_marks_it_recent():
     assert cache.hit("a", 2) is None and cache.hit("zzz", 1) is None
     await cache.get("c", spec("c"), 1)
     assert set(cache.resident()) == {"a", "c"}
+
+
+async def test_without_a_count_limit_memory_alone_decides_and_the_larger_of_declared_and_measured_is_charged():
+    cache, _ = make(max_models=None, budget=35 * MI)  # each model measures 10 MiB when loaded
+    for name in ("a", "b", "c"):
+        await cache.get(name, spec(name), 1)
+    assert set(cache.resident()) == {"a", "b", "c"}
+    await cache.get("d", spec("d", memory="1Mi"), 1)  # declares 1 MiB, measures 10: charged 10
+    assert cache.resident()["d"].charged_bytes == 10 * MI
+    assert set(cache.resident()) == {"b", "c", "d"}
+    await cache.get("e", spec("e", memory="20Mi"), 1)  # declares more than it measures: charged 20
+    assert cache.resident()["e"].charged_bytes == 20 * MI and set(cache.resident()) == {"d", "e"}

@@ -4,8 +4,8 @@
   and every model's lifecycle.
 - ``ModelReplica`` owns a :class:`~rayms.host.ModelHost`. With the default ingress it *is* the ingress
   (:class:`IngressReplica`): it also has a :class:`~rayms.dataplane.DataPlane` whose models are its own
-  host, and answers HTTP with :func:`rayms.router.build_api`, so a request is decoded, predicted and encoded
-  in one process. With ``ingress="router"`` a separate :class:`Router` answers HTTP and reaches the replicas
+  host, and answers HTTP with :func:`rayms.router.build_api` (and gRPC with :class:`~rayms.cluster.grpc.GrpcIngress`),
+  so a request is decoded, predicted and encoded in one process. With ``ingress="router"`` a separate :class:`Router` answers HTTP and reaches the replicas
   through a handle.
 - ``KubernetesBridge`` (one replica, only with ``kubernetes=True``) runs the TrainedModel bridge.
 
@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve import Application
 
 from rayms.cluster.agent import NodeArtifacts
+from rayms.cluster.grpc import GrpcIngress
 from rayms.cluster.handles import ClusterControl, HandlePlacer, RegistryHandle, RegistryReporterHandle, ReplicaModels
 from rayms.cluster.metrics import Metrics
 from rayms.cluster.serve_private import report_model_ids
@@ -125,9 +126,15 @@ async def _start_host(settings: Settings) -> tuple[ModelHost, RegistryView]:
     view = RegistryView(RegistryHandle(registry).watch)
     host = ModelHost(settings, view=view, artifacts=NodeArtifacts(settings), reporter=RegistryReporterHandle(registry),
                      replica_id=context.replica_id.unique_id, node_id=ray.get_runtime_context().get_node_id(),
-                     telemetry=Metrics(), announce=report_model_ids)
+                     replicas_on_node=_replicas_per_node(settings), telemetry=Metrics(), announce=report_model_ids)
     await host.start()
     return host, view
+
+
+def _replicas_per_node(settings: Settings) -> int:
+    """How many model replicas share this node's memory, if Serve spreads them evenly over the live nodes."""
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    return max(1, -(-settings.num_replicas // max(1, nodes)))
 
 
 class _ReplicaCalls:
@@ -189,7 +196,7 @@ class ModelReplica(_ReplicaCalls):
 
 
 @serve.ingress()
-class IngressReplica(_ReplicaCalls, _PythonCalls):
+class IngressReplica(_ReplicaCalls, _PythonCalls, GrpcIngress):
     """The default ingress: a model replica that also answers HTTP, so a request for a model it holds is
     served in this process with no Ray hop. Put HAProxy in front with ``balance uri`` (what ``rayms serve``
     does) and each model gets a home replica; behind Serve's own proxy any replica serves any model, loading
@@ -208,7 +215,7 @@ class IngressReplica(_ReplicaCalls, _PythonCalls):
 
 
 @serve.ingress()
-class Router(_PythonCalls):
+class Router(_PythonCalls, GrpcIngress):
     """The two-hop ingress (``Settings.ingress = "router"``): HTTP here, models on separate replicas reached
     through a handle with ``multiplexed_model_id``. Suits models too heavy to share a process with HTTP."""
 

@@ -11,6 +11,8 @@ It exists to keep onnxruntime out of every other module. Decisions:
   the others under their own names. A client may request any model output by its own name, ``predict``
   (the first output) or ``predict_proba``: the first other output whose name contains ``prob`` (as
   skl2onnx's ``probabilities``/``output_probability``); ``predict_proba: true`` returns only that one.
+  The ``default_outputs`` parameter changes the default: ``"all"`` answers every output under its own
+  name (a model from a Triton repository answers as Triton did), a list answers those.
   A ZipMap output (a list of ``{label: probability}``) is turned into an ``[N, classes]`` array.
 """
 
@@ -24,7 +26,7 @@ import numpy as np
 
 from rayms.errors import InvalidInput, ModelLoadError
 from rayms.frameworks import (
-    as_dtype, guarded, library_message, outputs_for, require, stack_inputs, tensor_info,
+    as_dtype, default_outputs, guarded, library_message, outputs_for, require, stack_inputs, tensor_info,
 )
 
 _TYPES = {
@@ -64,7 +66,8 @@ class OnnxRuntime:
         if proba is not None:
             self.aliases["predict_proba"] = proba
         self.outputs = tuple(dict.fromkeys([*self.aliases, *names]))
-        self.default = ["predict", *names[1:]]
+        # By default the first output is answered as "predict"; a Triton model answers its own names ("all").
+        self.default = default_outputs(self.defaults, self.outputs, ["predict", *names[1:]], every=names)
         self._size = path.stat().st_size
 
     def _feeds(self, inputs: Sequence[np.ndarray], input_names: Sequence[str] | None) -> dict[str, np.ndarray]:

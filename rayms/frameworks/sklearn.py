@@ -10,6 +10,8 @@ It exists to keep joblib/scikit-learn out of every other module. Decisions:
   runs requests concurrently.
 * ``predict`` is the estimator's ``predict``; ``predict_proba`` (classifiers that have it) is its
   ``predict_proba``; both are computed by the estimator itself, so they match it exactly.
+* ``answer_as: mlserver`` (models from an MLServer repository) answers in MLServer's shapes: a 1-D output
+  such as ``predict``'s labels is ``[N, 1]``, as MLServer's codec sends it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 
 from rayms.errors import ModelLoadError
 from rayms.frameworks import (
-    guarded, library_message, outputs_for, require, stack_inputs, tensor_info,
+    default_outputs, guarded, library_message, metadata_for, outputs_for, require, shaped_for, stack_inputs,
+    tensor_info,
 )
 
 logger = logging.getLogger(__name__)
@@ -49,18 +52,19 @@ class SklearnRuntime:
     def __init__(self, path: Path, model: Any, defaults: Mapping[str, Any]) -> None:
         self.path, self.model, self.defaults = path, model, dict(defaults)
         self.outputs = ("predict", "predict_proba") if hasattr(model, "predict_proba") else ("predict",)
+        self.default = default_outputs(self.defaults, self.outputs, ("predict",))
         self._size = path.stat().st_size
 
     def predict(self, inputs: Sequence[np.ndarray], parameters: Mapping[str, Any] | None = None, *,
                 requested: Sequence[str] | None = None,
                 input_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        names = outputs_for(self.defaults, parameters, requested, self.outputs)
+        names = outputs_for(self.defaults, parameters, requested, self.outputs, self.default)
         matrix = stack_inputs(inputs)
-        return guarded(
+        return shaped_for(self.defaults, guarded(
             self.framework,
             lambda: {name: np.asarray(getattr(self.model, name)(matrix)) for name in names},
             (ValueError, TypeError),
-        )
+        ))
 
     def input_metadata(self) -> list[dict[str, Any]]:
         features = getattr(self.model, "n_features_in_", -1)
@@ -72,7 +76,7 @@ class SklearnRuntime:
         meta = [tensor_info("predict", label_dtype, [-1])]
         if "predict_proba" in self.outputs:
             meta.append(tensor_info("predict_proba", np.float64, [-1, len(classes) if classes is not None else -1]))
-        return meta
+        return metadata_for(self.defaults, meta)
 
     def size_bytes(self) -> int:
         """The artifact's size on disk: a pickle holds the estimator's arrays nearly byte for byte."""
