@@ -21,11 +21,16 @@ host answers with an :class:`InferResult`, and the HTTP layer encodes it with :f
   both accepted. An empty ``outputs`` list means all outputs, like an absent one.
 * V1: numeric rows give a numeric ndarray (``null`` -> NaN), rows with strings an object ndarray of the Python
   values; feature maps (dict instances) are rejected because their column order cannot be known here.
+* Work is bounded by the body's size whatever it holds: shapes have at most :data:`MAX_RANK` dimensions and
+  :data:`MAX_ELEMENTS` elements (counted with an early exit, never as one product of huge integers), data is
+  flattened without recursion and nested at most :data:`MAX_RANK` lists deep, and values echoed in an error
+  are cut short. Each refusal is an :class:`~rayms.errors.InvalidInput` naming the limit.
 """
 
 from __future__ import annotations
 
 import math
+import reprlib
 import struct
 import uuid
 from dataclasses import dataclass, field
@@ -46,6 +51,14 @@ _NUMERIC: dict[str, np.dtype] = {
 }
 DATATYPES: tuple[str, ...] = (*_NUMERIC, "BF16", "BYTES")
 """Every datatype the codecs understand, in the order of the OIP datatype table (BF16 from KServe's)."""
+
+MAX_RANK = 32
+"""Most dimensions a tensor may have, and most lists its JSON data may be nested in (numpy stops at 64)."""
+MAX_ELEMENTS = 2**32
+"""Most elements a tensor may have: more than a request body can carry (4 GiB even as BOOL)."""
+_SHOWN_CHARS = 80  # longest rendering of a client's value inside an error message
+_REPR = reprlib.Repr()  # depth and breadth capped: renders any nesting without recursing into all of it
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 8, 8, _SHOWN_CHARS, _SHOWN_CHARS
 
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
@@ -129,6 +142,13 @@ def encode_error(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)`` for an error message, cut short in length and depth (reprlib): a hostile value must
+    neither come back a million times nor exhaust the stack on its way."""
+    text = _REPR.repr(value)
+    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}..."
+
+
 # ---------------------------------------------------------------------------------------------------- V2 decode
 
 
@@ -182,14 +202,14 @@ def _request_id(value: Any) -> str | None:
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    raise InvalidInput(f"request 'id' must be a string, got {value!r}")
+    raise InvalidInput(f"request 'id' must be a string, got {_shown(value)}")
 
 
 def _parameters(value: Any, *, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise InvalidInput(f"{where}: 'parameters' must be an object, got {value!r}")
+        raise InvalidInput(f"{where}: 'parameters' must be an object, got {_shown(value)}")
     return value
 
 
@@ -205,7 +225,8 @@ def _requested_outputs(value: Any) -> list[RequestedOutput]:
         name = item["name"]
         flag = _parameters(item.get("parameters"), where=f"requested output {name}").get("binary_data")
         if flag is not None and not isinstance(flag, bool):
-            raise InvalidInput(f"requested output {name}: parameters.binary_data must be true or false, got {flag!r}")
+            raise InvalidInput(f"requested output {name}: parameters.binary_data must be true or false, "
+                               f"got {_shown(flag)}")
         requested.append(RequestedOutput(name=name, binary=flag))
     return requested
 
@@ -217,12 +238,11 @@ def _decode_input(raw: Any, *, position: int, view: memoryview, offset: int, bin
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"input #{position}: missing a string 'name'")
     datatype = raw.get("datatype")
-    if datatype not in _NUMERIC and datatype not in ("BYTES", "BF16"):
-        raise InvalidInput(f"input {name}: unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
+    if not isinstance(datatype, str) or (datatype not in _NUMERIC and datatype not in ("BYTES", "BF16")):
+        raise InvalidInput(f"input {name}: unknown datatype {_shown(datatype)}; "
+                           f"expected one of {', '.join(DATATYPES)}")
     shape = raw.get("shape")
-    if not isinstance(shape, list) or not all(type(dim) is int and dim >= 0 for dim in shape):
-        raise InvalidInput(f"input {name}: shape must be a list of non-negative integers, got {shape!r}")
-    count = math.prod(shape)
+    count = _element_count(shape, name=name)
     parameters = _parameters(raw.get("parameters"), where=f"input {name}")
     size = parameters.pop("binary_data_size", None)
     if size is None:
@@ -236,13 +256,32 @@ def _decode_input(raw: Any, *, position: int, view: memoryview, offset: int, bin
     if "data" in raw:
         raise InvalidInput(f"input {name}: has both 'data' and parameters.binary_data_size")
     if type(size) is not int or size < 0:
-        raise InvalidInput(f"input {name}: binary_data_size must be a non-negative integer, got {size!r}")
+        raise InvalidInput(f"input {name}: binary_data_size must be a non-negative integer, got {_shown(size)}")
     if offset + size > len(view):
         raise InvalidInput(f"input {name}: binary_data_size {size} exceeds the {len(view) - offset} bytes left "
                            "in the body")
     chunk = view[offset:offset + size]
     data = _from_binary(chunk, name=name, datatype=datatype, shape=shape, count=count)
     return Tensor(name=name, datatype=datatype, shape=shape, data=data, parameters=parameters), offset + size
+
+
+def _element_count(shape: Any, *, name: str) -> int:
+    """The number of elements of a valid ``shape``; at most :data:`MAX_RANK` multiplications of numbers that
+    stay at most :data:`MAX_ELEMENTS`."""
+    if not isinstance(shape, list):
+        raise InvalidInput(f"input {name}: shape must be a list of non-negative integers, got {_shown(shape)}")
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(f"input {name}: shape has {len(shape)} dimensions, more than the {MAX_RANK} a tensor "
+                           "may have")
+    count = 1
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            raise InvalidInput(f"input {name}: shape must be a list of non-negative integers, got {_shown(shape)}")
+        count *= dim
+        if dim > MAX_ELEMENTS or count > MAX_ELEMENTS:
+            raise InvalidInput(f"input {name}: shape {shape} has more than {MAX_ELEMENTS} elements, the most a "
+                               "tensor may have")
+    return count
 
 
 def _from_json(data: Any, *, name: str, datatype: str, shape: list[int], count: int) -> np.ndarray:
@@ -293,7 +332,7 @@ def _numeric_from_json(array: np.ndarray, data: Any, *, name: str, datatype: str
 
 
 def _bytes_from_json(data: Any, *, name: str, shape: list[int], count: int) -> np.ndarray:
-    flat = _leaves(data)
+    flat = _leaves(data, name=name)
     if len(flat) != count:
         raise InvalidInput(f"input {name}: shape {shape} needs {count} elements, got {len(flat)}")
     if not all(type(item) is str for item in flat):
@@ -303,14 +342,25 @@ def _bytes_from_json(data: Any, *, name: str, shape: list[int], count: int) -> n
     return array.reshape(shape)
 
 
-def _leaves(data: Any) -> list[Any]:
+def _leaves(data: Any, *, name: str) -> list[Any]:
+    """The non-list values of nested lists, in order. A loop over a stack of iterators, not recursion, so
+    no nesting can exhaust Python's stack; nesting deeper than :data:`MAX_RANK` is refused at that depth."""
     if not isinstance(data, list):
         return [data]
     if not any(isinstance(item, list) for item in data):
         return data
     flat: list[Any] = []
-    for item in data:
-        flat.extend(_leaves(item))
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                if len(stack) == MAX_RANK:
+                    raise InvalidInput(f"input {name}: data is nested more than {MAX_RANK} lists deep")
+                stack.append(iter(item))
+                break  # continue with the inner list; this iterator resumes after it
+            flat.append(item)
+        else:
+            stack.pop()
     return flat
 
 
@@ -331,6 +381,8 @@ def _bytes_from_binary(chunk: memoryview, *, name: str, shape: list[int], count:
     items: list[bytes] = []
     position, end = 0, len(chunk)
     while position < end:
+        if len(items) == count:
+            raise InvalidInput(f"input {name}: shape {shape} needs {count} elements, the binary data holds more")
         if position + 4 > end:
             raise InvalidInput(f"input {name}: BYTES element {len(items)} has a truncated 4-byte length")
         (length,) = _LENGTH.unpack_from(chunk, position)
@@ -528,6 +580,8 @@ def decode_v1_request(body: bytes) -> np.ndarray:
         array = np.array(rows)
     except (ValueError, TypeError, OverflowError):
         array = np.array(rows, dtype=object)
+    if array.ndim > MAX_RANK:
+        raise InvalidInput(f'V1 request: "{key}" is nested {array.ndim} lists deep, more than {MAX_RANK}')
     if array.dtype.kind in "biuf":
         return array
     array = np.array(rows, dtype=object)

@@ -10,9 +10,11 @@ registry, so validation happens in one place.
 
 from __future__ import annotations
 
+import decimal
 import hashlib
 import os
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,31 +26,63 @@ from rayms import framework_table
 from rayms.errors import InvalidMemory, InvalidSpec, UnsupportedFramework
 from rayms.memory import replica_budget_bytes
 
-# Kubernetes resource quantities (apimachinery's resource.Quantity), the subset that means bytes.
-_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTPE]i?|[kmu]|e[0-9]+)?\s*$")
+# Kubernetes resource quantities (apimachinery's resource.Quantity), the subset that means bytes. Matched
+# against stripped text of at most MAX_QUANTITY_CHARS characters, and no two neighbouring parts of the pattern
+# can take the same characters, so a match is linear in the length of the text.
+_QUANTITY = re.compile(r"([0-9]+(?:\.[0-9]+)?)[ \t]*([KMGTPE]i?|[kmu]|e[0-9]+)?")
 _SUFFIX = {
     None: 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60, "m": 1e-3, "u": 1e-6,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "m": decimal.Decimal("1e-3"), "u": decimal.Decimal("1e-6"),
 }
+MAX_QUANTITY_CHARS = 64
+"""Longest memory quantity accepted, in characters (``1.5Gi`` has five)."""
+MAX_QUANTITY_BYTES = 2**63 - 1
+"""Largest memory quantity accepted (8 EiB): Kubernetes holds quantities in an int64."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,252}$")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def parse_quantity(value: str | int | float) -> int:
-    """Return the number of bytes in a Kubernetes quantity such as ``256Mi``, ``1G`` or ``1e6``."""
+    """Return the number of bytes in a Kubernetes quantity such as ``256Mi``, ``1G`` or ``1e6``.
+
+    The work is bounded whatever the input: text longer than :data:`MAX_QUANTITY_CHARS` is refused, the
+    arithmetic is decimal with a capped exponent (``1e999999999`` never builds ``10**999999999``), and values
+    above :data:`MAX_QUANTITY_BYTES` are refused. Fractions of a byte are dropped.
+    """
     if isinstance(value, bool):
         raise InvalidSpec(f"memory {value!r} is not a Kubernetes quantity")
     if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidSpec(f"memory {value!r} is not a finite number")
         if value < 0:
             raise InvalidSpec(f"memory {value!r} is negative")
-        return int(value)
-    match = _QUANTITY.match(str(value))
+        return _at_most_max(decimal.Decimal(value), shown=repr(value))
+    text = str(value).strip()
+    if len(text) > MAX_QUANTITY_CHARS:
+        raise InvalidSpec(f"memory {text[:20]!r}... is not a Kubernetes quantity: it is {len(text)} characters "
+                          f"long, more than {MAX_QUANTITY_CHARS}")
+    match = _QUANTITY.fullmatch(text)
     if not match:
-        raise InvalidSpec(f"memory {value!r} is not a Kubernetes quantity (e.g. 256Mi, 1G)")
+        raise InvalidSpec(f"memory {text!r} is not a Kubernetes quantity (e.g. 256Mi, 1G)")
     number, suffix = match.groups()
-    if suffix and suffix.startswith("e"):
-        return int(float(number) * 10 ** int(suffix[1:]))
-    return int(float(number) * _SUFFIX[suffix])
+    with decimal.localcontext(prec=4 * MAX_QUANTITY_CHARS):  # exact for every text that fits the length cap
+        amount = decimal.Decimal(number)
+        if suffix and suffix.startswith("e"):
+            # A mantissa of at most MAX_QUANTITY_CHARS digits is zero or at least 10**-MAX_QUANTITY_CHARS, so
+            # any exponent above 2 * MAX_QUANTITY_CHARS already means more than MAX_QUANTITY_BYTES.
+            amount = amount.scaleb(min(int(suffix[1:]), 2 * MAX_QUANTITY_CHARS))
+        else:
+            amount = amount * _SUFFIX[suffix]
+    return _at_most_max(amount, shown=repr(text))
+
+
+def _at_most_max(amount: decimal.Decimal, *, shown: str) -> int:
+    if amount > MAX_QUANTITY_BYTES:
+        raise InvalidSpec(f"memory {shown} is more than the largest quantity accepted, {MAX_QUANTITY_BYTES} "
+                          "bytes (8 EiB)")
+    return int(amount)
 
 
 def validate_model_name(name: str) -> str:
@@ -77,6 +111,8 @@ class ModelSpec(BaseModel):
     memory: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     version: str | None = Field(default=None, min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    sha256: str | None = None
+    """Hex SHA-256 of the file the URI names (an archive as packed), checked after download, before use."""
 
     @field_validator("framework", mode="before")
     @classmethod
@@ -95,13 +131,25 @@ class ModelSpec(BaseModel):
             raise InvalidMemory(str(exc)) from exc
         return str(value)
 
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _hex_sha256(cls, value: Any) -> str | None:
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str) or not _SHA256.fullmatch(value):
+            raise ValueError(f"must be 64 hexadecimal digits, got {str(value)[:80]!r}")
+        return value.lower()
+
     @property
     def memory_bytes(self) -> int:
         return parse_quantity(self.memory) if self.memory else 0
 
     def digest(self) -> str:
-        """A short stable key for the artifact: same URI and framework, same cache entry."""
-        raw = json.dumps({"uri": self.storage_uri, "framework": self.framework}, sort_keys=True)
+        """A short stable key for the artifact: same URI, framework and sha256, same cache entry."""
+        key = {"uri": self.storage_uri, "framework": self.framework}
+        if self.sha256:  # only when given, so entries of specs without one keep their keys
+            key["sha256"] = self.sha256
+        raw = json.dumps(key, sort_keys=True)
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
     def to_wire(self) -> dict[str, Any]:
@@ -245,6 +293,27 @@ class Settings(BaseSettings):
     quarantine_after: PositiveInt = 3
     """A model whose predict calls overrun ``predict_timeout_s`` this many times in a row is FAILED
     (quarantined) until it is loaded again."""
+
+    max_download_bytes: PositiveInt = 4 * 2**30
+    """Largest artifact one download may bring (all objects of a folder together); refused before reading
+    when the server announces more, and stopped while reading otherwise."""
+
+    max_unpacked_bytes: PositiveInt = 8 * 2**30
+    """Most bytes one archive may unpack to; checked before each member is written and while writing."""
+
+    max_archive_members: PositiveInt = 10_000
+    """Most files and folders one archive may hold."""
+
+    max_archive_ratio: PositiveInt = 200
+    """Largest unpacked-to-packed size ratio of an archive (archives under 1 MiB count as 1 MiB)."""
+
+    artifact_cache_bytes: PositiveInt = 20 * 2**30
+    """Disk quota of each node's artifact cache (``<cache_dir>/artifacts``): above it, the entries fetched
+    least recently are removed, never one being downloaded or read by a load."""
+
+    allow_private_http: bool = False
+    """Let http(s) downloads connect to private, link-local and other non-public addresses (loopback is
+    allowed anyway when ``host`` is loopback and ``trust_loopback`` holds)."""
 
     max_request_bytes: PositiveInt = 64 * 2**20
     """Largest request body accepted (413 beyond)."""

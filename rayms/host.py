@@ -45,6 +45,10 @@ class ArtifactSource(Protocol):
     async def evict(self, name: str, spec: ModelSpec) -> None:
         """Remove ``spec``'s artifact from this node's cache, if it was ever copied here."""
 
+    def release(self, name: str, spec: ModelSpec) -> None:
+        """The load that fetched ``spec`` has read it: the cache may remove it once replaced or over its quota.
+        Fire and forget."""
+
 
 class RegistryReporter(Protocol):
     """Tells the registry what happens here. Fire and forget: the host never waits for the registry."""
@@ -208,7 +212,8 @@ class ModelHost:
         self._routing_dirty = True  # announce "loading here" early so this model's handle calls come here
         # A local, unpacked artifact is read where it is: no copy to make, so no call to the node's agent.
         path = await asyncio.to_thread(storage.in_place, spec.storage_uri, settings=self._settings)
-        if path is None:
+        fetched = path is None
+        if fetched:
             path = await self._artifacts.fetch(name, spec)
         self._reporter.loading(name, version)
         before = process_rss_bytes()
@@ -218,6 +223,9 @@ class ModelHost:
         except Exception:
             self._telemetry.count_load(name, ok=False)
             raise
+        finally:
+            if fetched:  # read: from now on the node's cache may remove it (rayms.agent says when)
+                self._artifacts.release(name, spec)
         # What the model occupies: what loading it added to this process (never less than its artifact). Loads
         # running at the same moment add to each other's reading, which errs on the side of charging more.
         grown = process_rss_bytes() - before

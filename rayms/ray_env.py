@@ -39,9 +39,10 @@ HAPROXY_ROUTING = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": "uri depth 3",
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # one HAProxy thread forwards far more than a Python replica serves
-    # A replica that dies mid-request closes its connections without an answer: replay those requests on
-    # another replica (inference and rayms's control calls are idempotent) instead of failing them.
-    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response response-timeout",
+    # Replay a request on another replica only when no byte of it reached a replica (the connection failed),
+    # HAProxy's own safe default. Replaying after a replica took the request (empty-response, response-timeout)
+    # sends a request that killed or hung one replica on to the next, and the next.
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure",
     "RAY_SERVE_HAPROXY_RETRIES": "3",
 }
 

@@ -27,26 +27,35 @@ which emulators do not offer, and waits a minute for it on every call.
 Azure Blob: adlfs's ``AZURE_STORAGE_*`` variables (``AZURE_STORAGE_CONNECTION_STRING``, or
 ``AZURE_STORAGE_ACCOUNT_NAME`` with a key, SAS token or service principal); a connection string also
 names the endpoint, e.g. an Azurite emulator's.
+
+Limits: a download may bring at most ``max_download_bytes`` (checked against the sizes the server or the
+listing announces before any byte is read, and against the bytes received while reading); archives unpack
+within the limits of :mod:`rayms.archives`; an ``http(s)`` download connects only to public addresses unless
+``allow_private_http`` is set (loopback too when the server binds loopback and trusts it), checked on
+every connection, redirects included. A spec's ``sha256`` is checked against the file the URI names (an
+archive before it is unpacked) before anything becomes visible.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import importlib
+import ipaddress
 import os
 import shutil
-import stat
-import tarfile
+import socket
 import threading
 import uuid
-import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 import fsspec
 from fsspec.callbacks import Callback
 
+from rayms import archives
 from rayms.errors import StorageError
 
 # scheme -> (fsspec protocol, package that implements it, rayms extra that installs it)
@@ -106,12 +115,14 @@ def in_place(uri: str, *, settings) -> Path | None:
     return path
 
 
-def fetch(uri: str, dest: Path, *, settings, cancel: threading.Event | None = None) -> Path:
+def fetch(uri: str, dest: Path, *, settings, cancel: threading.Event | None = None,
+          sha256: str | None = None) -> Path:
     """Make the artifact at ``uri`` available locally and return its path (blocking; run it in a thread).
 
     Local URIs come back in place. Anything copied or unpacked lands in ``dest``, which appears atomically
     (a previous ``dest`` is replaced). ``cancel`` aborts between chunks, so an abandoned attempt (timed
-    out by the caller) never replaces a newer one's result.
+    out by the caller) never replaces a newer one's result. ``sha256`` (hex) must match the file the URI
+    names; it is not checked for local files used in place, which are not copied.
     """
     dest = Path(dest)
     try:
@@ -121,26 +132,49 @@ def fetch(uri: str, dest: Path, *, settings, cancel: threading.Event | None = No
         source = local_source(uri, settings=settings)
         if source is not None and not source.is_file():
             raise StorageError(f"{uri}: not found (404): {source} is not a file")
-        return _download(uri, dest=dest, source=source, settings=settings, cancel=cancel or threading.Event())
+        job = _Job(uri=uri, settings=settings, cancel=cancel or threading.Event(), sha256=sha256)
+        return _download(job, dest=dest, source=source)
     except StorageError:
         raise
     except Exception as exc:  # every backend error leaves through the one classifier
         raise classify(exc, uri=uri) from exc
 
 
-def _download(uri: str, *, dest: Path, source: Path | None, settings, cancel: threading.Event) -> Path:
+@dataclass
+class _Job:
+    """One download: what it fetches, the settings bounding it, and the bytes it has brought so far."""
+
+    uri: str
+    settings: object
+    cancel: threading.Event
+    sha256: str | None = None
+    received: int = field(default=0)  # bytes of the files finished so far
+
+    def announce(self, size: int | None) -> None:
+        """Refuse a download before its bytes are read when its announced size is over the limit."""
+        if size is not None and self.received + size > self.settings.max_download_bytes:
+            raise StorageError(f"{self.uri}: the artifact is {self.received + size} bytes, more than the "
+                               f"{self.settings.max_download_bytes} allowed (max_download_bytes)")
+
+    def callback(self) -> Callback:
+        return _Transfer(self)
+
+
+def _download(job: _Job, *, dest: Path, source: Path | None) -> Path:
+    uri = job.uri
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.part-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        if source is not None:  # a local archive: unpack only
-            _unpack(source, into=tmp, uri=uri)
+        if source is not None:  # a local archive: check and unpack only
+            _verify(source, job=job)
+            _unpack(source, into=tmp, job=job)
             inner = ""
         elif scheme_of(uri) in ("http", "https"):
-            inner = _copy_http(uri, into=tmp, settings=settings, cancel=cancel)
+            inner = _copy_http(job, into=tmp)
         else:
-            inner = _copy_fs(uri, into=tmp, settings=settings, cancel=cancel)
-        if cancel.is_set():
+            inner = _copy_fs(job, into=tmp)
+        if job.cancel.is_set():
             raise StorageError(f"{uri}: download abandoned", transient=True)
         if dest.exists():  # an older copy: move it aside first, a directory cannot be replaced when full
             old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
@@ -152,61 +186,160 @@ def _download(uri: str, *, dest: Path, source: Path | None, settings, cancel: th
     return dest / inner if inner else dest
 
 
-class _Cancellable(Callback):
-    """fsspec progress callback that aborts a transfer once ``cancel`` is set."""
+class _Transfer(Callback):
+    """fsspec progress callback of one file: aborts the transfer once the job is cancelled, or once the
+    announced or received bytes would take the download past ``max_download_bytes``."""
 
-    def __init__(self, cancel: threading.Event) -> None:
+    def __init__(self, job: _Job) -> None:
         super().__init__()
-        self._cancel = cancel
+        self._job = job
 
     def call(self, *args, **kwargs):
-        if self._cancel.is_set():
+        job = self._job
+        if job.cancel.is_set():
             raise TimeoutError("download abandoned after its attempt timed out")
+        job.announce(self.size)
+        if job.received + self.value > job.settings.max_download_bytes:
+            raise StorageError(f"{job.uri}: received more than the {job.settings.max_download_bytes} bytes "
+                               "allowed (max_download_bytes)")
 
 
-def _copy_http(uri: str, *, into: Path, settings, cancel: threading.Event) -> str:
+def _copy_http(job: _Job, *, into: Path) -> str:
     """One GET. Returns the relative name of the result inside ``into`` (``""``: ``into`` itself)."""
+    uri = job.uri
     path = urlsplit(uri).path
     name = PurePosixPath(path).name
     if not name or path.endswith("/"):
         raise StorageError(f"{uri}: http URIs must name a file or an archive (HTTP has no folder listing)")
-    import aiohttp  # present whenever the http backend is; for the per-read timeout only
+    import aiohttp  # present whenever the http backend is; for the per-read timeout
 
-    fs = _filesystem(uri, timeout_s=settings.download_timeout_s, client_timeout=aiohttp.ClientTimeout(
-        total=None, sock_connect=settings.download_timeout_s, sock_read=settings.download_timeout_s))
-    return _store_file(fs, rpath=uri, name=name, into=into, uri=uri, cancel=cancel)
+    timeout = job.settings.download_timeout_s
+    fs = _filesystem(uri, timeout_s=timeout, client_timeout=aiohttp.ClientTimeout(
+        total=None, sock_connect=timeout, sock_read=timeout), get_client=_guarded_client(job))
+    return _store_file(fs, rpath=uri, name=name, into=into, job=job)
 
 
-def _copy_fs(uri: str, *, into: Path, settings, cancel: threading.Event) -> str:
+def _copy_fs(job: _Job, *, into: Path) -> str:
     """One object or a whole prefix of an object store."""
-    fs = _filesystem(uri, timeout_s=settings.download_timeout_s)
+    uri = job.uri
+    fs = _filesystem(uri, timeout_s=job.settings.download_timeout_s)
     root = fs._strip_protocol(uri).rstrip("/")
     if not root:
         raise StorageError(f"{uri}: bad URI: no bucket or container")
     info = fs.info(root)
     if info["type"] != "directory":
-        return _store_file(fs, rpath=root, name=PurePosixPath(root).name, into=into, uri=uri, cancel=cancel)
-    files = [p for p, d in fs.find(root, detail=True).items() if d["type"] == "file" and not p.endswith("/")]
-    if not files:
+        job.announce(info.get("size"))
+        return _store_file(fs, rpath=root, name=PurePosixPath(root).name, into=into, job=job)
+    if job.sha256:
+        raise StorageError(f"{uri}: sha256 is given but the URI names a folder; a digest can only be checked "
+                           "for a URI naming one file or archive")
+    found = {p: d for p, d in fs.find(root, detail=True).items() if d["type"] == "file" and not p.endswith("/")}
+    if not found:
         raise StorageError(f"{uri}: not found (404): no objects under this prefix")
-    for path in files:
-        target = _inside(into, path[len(root):].lstrip("/"), uri=uri)
+    job.announce(sum(d.get("size") or 0 for d in found.values()))
+    for path in found:
+        target = archives.inside(into, path[len(root):].lstrip("/"), uri=uri)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(path, str(target), callback=_Cancellable(cancel))
+        fs.get_file(path, str(target), callback=job.callback())
+        job.received += target.stat().st_size
     return ""
 
 
-def _store_file(fs, *, rpath: str, name: str, into: Path, uri: str, cancel: threading.Event) -> str:
+def _store_file(fs, *, rpath: str, name: str, into: Path, job: _Job) -> str:
     if not is_archive(name):
-        fs.get_file(rpath, str(into / name), callback=_Cancellable(cancel))
+        fs.get_file(rpath, str(into / name), callback=job.callback())
+        _verify(into / name, job=job)
         return name
     archive = into.with_name(into.name + "-" + name)
     try:
-        fs.get_file(rpath, str(archive), callback=_Cancellable(cancel))
-        _unpack(archive, into=into, uri=uri)
+        fs.get_file(rpath, str(archive), callback=job.callback())
+        _verify(archive, job=job)  # before unpacking: unverified bytes are never unpacked
+        _unpack(archive, into=into, job=job)
     finally:
         archive.unlink(missing_ok=True)
     return ""
+
+
+def _verify(path: Path, *, job: _Job) -> None:
+    """Check the spec's ``sha256`` against the file (a permanent error: the same bytes come back next time)."""
+    if not job.sha256:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(2**20):
+            if job.cancel.is_set():
+                raise TimeoutError("download abandoned after its attempt timed out")
+            digest.update(chunk)
+    actual, expected = digest.hexdigest(), job.sha256.lower()
+    if actual != expected:
+        raise StorageError(f"{job.uri}: sha256 mismatch: expected {expected}, got {actual}")
+
+
+def _unpack(archive: Path, *, into: Path, job: _Job) -> None:
+    archives.unpack(archive, into=into, uri=job.uri, limits=archives.limits_of(job.settings))
+
+
+# -- which addresses an http(s) download may connect to ---------------------------------------------------
+
+def address_refusal(address: str, *, settings) -> str | None:
+    """Why an http(s) download may not connect to the IP ``address``, or ``None`` when it may.
+
+    Public (globally routable unicast) addresses are always allowed. Every other address (private,
+    link-local such as the cloud metadata service at 169.254.169.254, loopback, shared, reserved, multicast)
+    needs ``allow_private_http``; loopback is allowed as well when the server binds loopback and
+    ``trust_loopback`` holds, since it then trusts the machine's users already. IPv4 addresses inside IPv6 (``::ffff:a.b.c.d``, NAT64) are judged
+    as the IPv4 address they carry.
+    """
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone ("fe80::1%eth0")
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if (ip.is_global and not ip.is_multicast) or settings.allow_private_http:
+        return None
+    if ip.is_loopback and settings.trust_loopback and _binds_loopback(settings.host):
+        return None
+    kind = ("a loopback" if ip.is_loopback else "a link-local" if ip.is_link_local else
+            "a multicast" if ip.is_multicast else "a private or reserved")
+    return f"{address} is {kind} address; set allow_private_http to download from it"
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _binds_loopback(host: str) -> bool:
+    """Whether a bind address is loopback only (``127.0.0.1``, ``::1``, ``localhost``): the rule of
+    :func:`rayms.access.is_loopback`, which this layer cannot import."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _guarded_client(job: _Job):
+    """fsspec's ``get_client`` hook: an aiohttp session whose every socket is checked before it connects.
+
+    The check sits in the connector's socket factory, so it sees the address actually dialled: after DNS,
+    for IP literals too, and for each host a redirect leads to. Addresses are tried one after another (no
+    happy-eyeballs race), so the first refusal ends the download with that reason."""
+
+    def open_socket(addr_info) -> socket.socket:
+        family, type_, proto, _, sockaddr = addr_info
+        refusal = address_refusal(sockaddr[0], settings=job.settings)
+        if refusal is not None:
+            raise StorageError(f"{job.uri}: refusing to connect: {refusal}")
+        return socket.socket(family=family, type=type_, proto=proto)
+
+    async def get_client(**kwargs):
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(socket_factory=open_socket, happy_eyeballs_delay=None)
+        return aiohttp.ClientSession(connector=connector, **kwargs)
+
+    return get_client
 
 
 def remote_filesystem(uri: str, *, env: Mapping[str, str], timeout_s: float):
@@ -227,9 +360,10 @@ def remote_filesystem(uri: str, *, env: Mapping[str, str], timeout_s: float):
 
 
 def _filesystem(uri: str, *, timeout_s: float, env: Mapping[str, str] | None = None,
-                explicit: Mapping[str, str] | None = None, client_timeout=None):
+                explicit: Mapping[str, str] | None = None, client_timeout=None, get_client=None):
     """A fresh filesystem per call: no instance shared between threads, no stale endpoint. ``env``: where the
-    endpoint comes from (default: this process's environment); ``explicit``: credentials to pass as options."""
+    endpoint comes from (default: this process's environment); ``explicit``: credentials to pass as options;
+    ``get_client``: fsspec's http session factory (:func:`_guarded_client`)."""
     scheme = scheme_of(uri)
     if scheme not in BACKENDS:
         raise StorageError(
@@ -245,6 +379,8 @@ def _filesystem(uri: str, *, timeout_s: float, env: Mapping[str, str] | None = N
         options.update(_s3_options(os.environ if env is None else env, timeout_s=timeout_s, explicit=explicit or {}))
     if client_timeout is not None:
         options.setdefault("client_kwargs", {})["timeout"] = client_timeout
+    if get_client is not None:
+        options["get_client"] = get_client
     if protocol == "gcs" and os.environ.get("STORAGE_EMULATOR_HOST", "") not in ("", "default"):
         from gcsfs.core import GCSFileSystem  # the JSON API only (see the module docstring)
 
@@ -276,37 +412,6 @@ def _s3_options(env: Mapping[str, str], *, timeout_s: float, explicit: Mapping[s
     if region:
         options["client_kwargs"] = {"region_name": region}
     return options
-
-
-def _inside(root: Path, name: str, *, uri: str) -> Path:
-    """``root/name`` if ``name`` is a plain relative path that stays inside ``root``; else refuse it."""
-    parts = PurePosixPath(name.replace("\\", "/")).parts
-    if not name or name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-        raise StorageError(f"{uri}: refusing member {name!r}: it escapes the target folder")
-    return root.joinpath(*parts)
-
-
-def _unpack(archive: Path, *, into: Path, uri: str) -> None:
-    """Unpack a .tar(.gz)/.tgz/.zip, refusing escaping names, links and devices before writing anything."""
-    try:
-        if archive.name.lower().endswith(".zip"):
-            with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    _inside(into, info.filename, uri=uri)
-                    if stat.S_ISLNK(info.external_attr >> 16):
-                        raise StorageError(f"{uri}: refusing member {info.filename!r}: symlinks are not allowed")
-                zf.extractall(into)
-            return
-        with tarfile.open(archive) as tf:
-            members = tf.getmembers()
-            for member in members:
-                _inside(into, member.name, uri=uri)
-                if not (member.isfile() or member.isdir()):
-                    kind = "links" if member.issym() or member.islnk() else "devices and special files"
-                    raise StorageError(f"{uri}: refusing member {member.name!r}: {kind} are not allowed")
-            tf.extractall(into, members=members, filter="data")
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
-        raise StorageError(f"{uri}: {archive.name} is not a valid archive: {exc}") from exc
 
 
 def classify(exc: BaseException, *, uri: str) -> StorageError:

@@ -53,6 +53,8 @@ class FileServer:
 
     * ``fail(path, status, times=n)``: the first ``n`` GETs answer ``status`` (``times=None``: always).
     * ``truncate(path)``: announce the full length, send half, close: a broken transfer.
+    * ``chunked(path)``: send the file with chunked transfer encoding, no length announced.
+    * ``redirect(path, location)``: answer 302 to ``location``.
     * ``hold()`` / ``release(n)``: responses wait for a permit (``release()`` with no count opens the gate);
       ``delay_s`` holds each response for a fixed time instead. ``in_flight`` and ``peak`` count requests
       being answered at once.
@@ -66,6 +68,8 @@ class FileServer:
         self.peak = 0
         self._failures: dict[str, list] = {}
         self._truncated: set[str] = set()
+        self._chunked: set[str] = set()
+        self._redirects: dict[str, str] = {}
         self._permits: int | None = None  # None: no hold
         self._cond = threading.Condition()
         self._httpd = _QuietServer(("127.0.0.1", 0), self._handler())
@@ -88,6 +92,13 @@ class FileServer:
 
     def truncate(self, path: str) -> None:
         self._truncated.add("/" + path.lstrip("/"))
+
+    def chunked(self, path: str) -> None:
+        self._chunked.add("/" + path.lstrip("/"))
+
+    def redirect(self, path: str, location: str) -> str:
+        self._redirects["/" + path.lstrip("/")] = location
+        return self.url(path)
 
     def hold(self) -> None:
         with self._cond:
@@ -127,8 +138,22 @@ class FileServer:
                 if failure[1] is not None:
                     failure[1] -= 1
                 self._send(handler, status=failure[0], data=b"failure on purpose\n", body=body)
+            elif path in self._redirects:
+                handler.send_response(302)
+                handler.send_header("Location", self._redirects[path])
+                handler.send_header("Content-Length", "0")
+                handler.end_headers()
             elif path not in self.files:
                 self._send(handler, status=404, data=b"no such file\n", body=body)
+            elif path in self._chunked:
+                data = self.files[path]
+                handler.send_response(200)
+                handler.send_header("Transfer-Encoding", "chunked")
+                handler.end_headers()
+                for start in range(0, len(data), 2**16):
+                    piece = data[start:start + 2**16]
+                    handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                handler.wfile.write(b"0\r\n\r\n")
             elif path in self._truncated:
                 data = self.files[path]
                 handler.send_response(200)

@@ -7,8 +7,10 @@ request a good one to another model must still succeed, so no bad input can take
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,8 +66,22 @@ class Bad:
     data: bytes | Callable[[], Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     declared_length: int | None = None  # send this Content-Length with a short body (http.client)
+    timeout_s: float = 120  # hostile rows get HOSTILE_S: each once held a replica for minutes
 
 
+def nested(depth: int, leaf: str) -> str:
+    """``leaf`` inside ``depth`` JSON lists, written by hand (json.dumps itself recurses)."""
+    return "[" * depth + leaf + "]" * depth
+
+
+def raw_v2(shape: str, data: str, datatype: str = "FP64") -> bytes:
+    return ('{"inputs": [{"name": "input-0", "shape": %s, "datatype": "%s", "data": %s}]}'
+            % (shape, datatype, data)).encode()
+
+
+HOSTILE_S = 10  # far more than the milliseconds each refusal takes; far less than the minutes it once took
+JSON_HEADERS = {"Content-Type": "application/json"}
+SPEC = {"storageUri": "/tmp/x", "framework": "sklearn"}
 BINARY, BINARY_HEADERS = binary_body()
 HEADER_TOO_LONG, HEADER_TOO_LONG_HEADERS = binary_body(header_length_delta=100)
 SIZE_TOO_BIG, SIZE_TOO_BIG_HEADERS = binary_body(size_delta=8)
@@ -112,6 +128,18 @@ TABLE: dict[str, Bad] = {
                                       headers=BINARY_HEADERS | {"Inference-Header-Content-Length": "12a"}),
     "raw binary request": Bad("POST", INFER, 501, "raw binary requests", MODEL, data=BINARY,
                               headers=BINARY_HEADERS | {"Inference-Header-Content-Length": "0"}),
+    # ---- hostile tensors: bounded work whatever the body holds
+    "shape of 300,000 dimensions": Bad("POST", INFER, 400, "shape has 300000 dimensions, more than the 32",
+                                       "input-0", data=raw_v2(json.dumps([2**63 - 1] * 300_000), "[]"),
+                                       headers=JSON_HEADERS, timeout_s=HOSTILE_S),  # 6 MB: under max_json_bytes
+    "shape of huge dimensions": Bad("POST", INFER, 400, "has more than 4294967296 elements", "input-0",
+                                    json=v2([2**62] * 4, []), timeout_s=HOSTILE_S),
+    "BYTES nested a thousand deep": Bad("POST", INFER, 400, "data is nested more than 32 lists deep", "input-0",
+                                        data=raw_v2("[1]", nested(1000, '"a"'), "BYTES"), headers=JSON_HEADERS,
+                                        timeout_s=HOSTILE_S),
+    "V1 instances nested a thousand deep": Bad("POST", f"/v1/models/{MODEL}:predict", 400, "lists deep, more than 32",
+                                               MODEL, data=b'{"instances": [%s]}' % nested(1000, "1").encode(),
+                                               headers=JSON_HEADERS, timeout_s=HOSTILE_S),
     # ---- unknown models, versions and routes
     "unknown model": Bad("POST", "/v2/models/no-such-model/infer", 404, "not found", "no-such-model", json=GOOD),
     "unknown model (V1)": Bad("POST", "/v1/models/no-such-model:predict", 404, "not found", "no-such-model",
@@ -142,6 +170,22 @@ TABLE: dict[str, Bad] = {
                                    "bad-load", json={"storageUri": "/tmp/x", "framework": "tensorflow"}),
     "load: bad memory quantity": Bad("POST", LOAD.format("bad-load"), 400, "not a Kubernetes quantity", "bad-load",
                                      json={"storageUri": "/tmp/x", "framework": "sklearn", "memory": "lots"}),
+    "load: memory 1e999999999": Bad("POST", LOAD.format("bad-load"), 400, "more than the largest quantity accepted",
+                                    "bad-load", json=SPEC | {"memory": "1e999999999"}, timeout_s=HOSTILE_S),
+    "load: memory that backtracks": Bad("POST", LOAD.format("bad-load"), 400, "characters long, more than 64",
+                                        "bad-load", json=SPEC | {"memory": "1" + " " * 100_000 + "x"},
+                                        timeout_s=HOSTILE_S),
+    "load: sha256 not hex": Bad("POST", LOAD.format("bad-load"), 400, "sha256: must be 64 hexadecimal digits",
+                                "bad-load", json=SPEC | {"sha256": "not-a-digest"}),
+    "load: http at a non-public address": Bad("POST", LOAD.format("bad-private"), 400,
+                                              "refusing to connect: 0.0.0.0 is a private or reserved address",
+                                              "bad-private", json={"storageUri": "http://0.0.0.0:1/model.joblib",
+                                                                   "framework": "sklearn"}, timeout_s=HOSTILE_S),
+    "load: archive bomb": Bad("POST", LOAD.format("bad-bomb"), 400, "(max_unpacked_bytes)", "bad-bomb",
+                              json={"storageUri": "{bomb}", "framework": "sklearn"}, timeout_s=HOSTILE_S),
+    "load: sha256 mismatch": Bad("POST", LOAD.format("bad-digest"), 400, "sha256 mismatch: expected " + "0" * 64,
+                                 "bad-digest", json={"storageUri": "{packed}", "framework": "sklearn",
+                                                     "sha256": "0" * 64}),
     "load: no storageUri": Bad("POST", LOAD.format("bad-load"), 400, "needs storageUri", "bad-load",
                                json={"framework": "sklearn"}),
     "load: no body, no repository": Bad("POST", LOAD.format("bad-load"), 400, "no model repository", "bad-load"),
@@ -172,14 +216,23 @@ def models(rayms_server, tmp_path_factory):
         response = rayms_server.load(name, str(root / name), framework)
         assert response.status_code == 200, response.text
     assert rayms_server.load(CORRUPT, str(corrupt), "sklearn").status_code == 400
-    yield {"corrupt": str(corrupt), "other_expected": other_expected}
+    bomb = root / "bomb.tar.gz"  # one member declaring 20 GiB, in a few hundred bytes
+    header = tarfile.TarInfo("model.joblib")
+    header.size = 20 * 2**30
+    bomb.write_bytes(gzip.compress(header.tobuf(format=tarfile.GNU_FORMAT)))
+    packed = root / "packed.tgz"  # a good model, packed: its sha256 is not zeros
+    with tarfile.open(packed, "w:gz") as tf:
+        tf.add(root / MODEL / "model.joblib", arcname="model.joblib")
+    paths = {"corrupt": str(corrupt), "bomb": str(bomb), "packed": str(packed)}
+    yield {"paths": paths, "corrupt": str(corrupt), "other_expected": other_expected}
     for row in rayms_server.post("/v2/repository/index").json():
         if row["name"].startswith("bad-"):
             rayms_server.post(f"/v2/repository/models/{row['name']}/unload")
 
 
-def send(url: str, case: Bad, corrupt: str) -> tuple[int, str, bytes]:
-    """Send one row exactly as written; returns status, content type and body."""
+def send(url: str, case: Bad, paths: dict[str, str]) -> tuple[int, str, bytes]:
+    """Send one row exactly as written (``{name}`` in its JSON becomes ``paths[name]``); returns status, content
+    type and body."""
     if case.declared_length is not None:
         parts = urlsplit(url)
         connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
@@ -193,25 +246,31 @@ def send(url: str, case: Bad, corrupt: str) -> tuple[int, str, bytes]:
             return response.status, response.getheader("content-type", ""), response.read()
         finally:
             connection.close()
-    body = json.dumps(case.json).replace("{corrupt}", corrupt).encode() if case.json is not None else case.data
+    body = case.data
+    if case.json is not None:
+        text = json.dumps(case.json)
+        for name, path in paths.items():
+            text = text.replace("{%s}" % name, path)
+        body = text.encode()
     if callable(body):
         body = body()
     headers = ({"Content-Type": "application/json"} | case.headers) if case.json is not None else case.headers
     prepared = requests.Request(case.method, url + case.path, data=body, headers=headers).prepare()
     prepared.url = url + case.path  # keep "..", "%2F" and friends exactly as written
     with requests.Session() as session:
-        response = session.send(prepared, timeout=120)
+        response = session.send(prepared, timeout=case.timeout_s)
     return response.status_code, response.headers.get("content-type", ""), response.content
 
 
 @pytest.mark.parametrize("case", TABLE.values(), ids=TABLE.keys())
 def test_bad_input_gets_a_json_error_and_the_server_keeps_serving(rayms_server, models, case):
-    status, content_type, body = send(rayms_server.url, case, models["corrupt"])
+    status, content_type, body = send(rayms_server.url, case, models["paths"])
 
     assert status == case.status, body
     assert content_type == "application/json"
     answer = json.loads(body)
     assert list(answer) == ["error"] and isinstance(answer["error"], str), answer
+    assert "Traceback" not in answer["error"] and "ray::" not in answer["error"], answer
     assert case.fragment in answer["error"], answer
     if case.names is not None:
         assert case.names in answer["error"], answer

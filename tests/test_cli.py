@@ -143,9 +143,9 @@ def test_a_replica_killed_under_traffic_fails_at_most_the_requests_it_was_answer
     stop.set()
     for thread in threads:
         thread.join()
-    # Requests in flight on the killed replica are replayed by HAProxy (retry-on empty-response); one caught
-    # mid-response can still fail (a 500 from HAProxy's error page, or a dropped connection). Known gap: at
-    # most a request or two per connection in flight at the moment of the kill, never anything after it.
+    # Requests in flight on the killed replica fail (HAProxy replays only requests no replica received, so a
+    # request that kills a replica is never sent on to the next): at most one per client connection in flight
+    # at the moment of the kill, never anything after it.
     failed = [s for s in statuses if s not in (200, 503)]
     assert len(failed) <= 3, ({s: statuses.count(s) for s in set(statuses)}, errors[:3])
     assert statuses[-10:] == [200] * 10

@@ -378,3 +378,60 @@ def test_protocol_types_keep_extras_and_drop_unset() -> None:
     assert V1PredictRequest.model_validate({"inputs": [[1]]}).inputs == [[1]]
     with pytest.raises(ValueError, match="exactly one"):
         V1PredictRequest.model_validate({})
+
+
+# -- inputs that cannot hurt: bounded work and a 400 naming the limit, whatever the body holds ---------------
+
+def nested(depth: int, leaf: str) -> str:
+    """JSON text of ``leaf`` inside ``depth`` lists, written by hand (json.dumps itself recurses)."""
+    return "[" * depth + leaf + "]" * depth
+
+
+def v2_text(shape: str, data: str, datatype: str = "FP32") -> bytes:
+    return ('{"inputs": [{"name": "x", "shape": %s, "datatype": "%s", "data": %s}]}' % (shape, datatype, data)).encode()
+
+
+@pytest.mark.timeout(20)  # each refusal takes milliseconds; the first two rows once took minutes
+@pytest.mark.parametrize(("body", "message"), [
+    (v2_text(orjson.dumps([2**63 - 1] * 2_000_000).decode(), "[]"),
+     "input x: shape has 2000000 dimensions, more than the 32 a tensor may have"),
+    (v2_text(nested(1000, '"a"'), nested(1000, '"a"'), "BYTES"), "input x: shape must be a list"),
+    (v2_text("[1]", nested(1000, '"a"'), "BYTES"), "input x: data is nested more than 32 lists deep"),
+    (v2_text("[1]", nested(1000, "1.0")), "input x: data is not a rectangular array"),
+    (v2_text(orjson.dumps([1] * 33).decode(), "[1.0]"), "input x: shape has 33 dimensions, more than the 32"),
+    (v2_text(orjson.dumps([2**32, 2**32]).decode(), "[]"), "more than 4294967296 elements"),
+    (v2_text(orjson.dumps([2**31] * 3).decode(), "[]"), "more than 4294967296 elements"),
+    (v2_text("[0, 4294967297]", "[]"), "more than 4294967296 elements"),
+    (v2_text(orjson.dumps([2**16] * 4).decode(), "[]"), "more than 4294967296 elements"),
+    (orjson.dumps({"id": {"k": "v" * 1_000_000}, "inputs": [{"name": "x", "shape": [1], "datatype": "FP32",
+                                                          "data": [1.0]}]}),
+     "request 'id' must be a string, got {'k': 'vvv"),
+    (v2_text("[1]", "[1.0]", "F" * 1_000_000), "input x: unknown datatype 'FFFF"),
+])
+def test_hostile_tensors_are_refused_at_once(body: bytes, message: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        decode_v2_request(body)
+    assert message in str(caught.value)
+    assert len(str(caught.value)) < 400  # a hostile value is not echoed back whole
+
+
+def test_the_limits_themselves_are_accepted() -> None:
+    deepest = decode_v2_request(v2_text(orjson.dumps([1] * 32).decode(), nested(32, '"a"'), "BYTES"))
+    assert deepest.inputs[0].data.shape == (1,) * 32 and deepest.inputs[0].data.item() == b"a"
+    wide = decode_v2_request(v2_text("[2, 0, 4294967296]", "[]"))
+    assert wide.inputs[0].data.shape == (2, 0, 2**32)
+
+
+@pytest.mark.timeout(20)
+def test_binary_bytes_with_more_elements_than_the_shape_stop_at_the_first_extra() -> None:
+    payload = b"".join(struct.pack("<I", 0) for _ in range(2_000_000))  # two million empty strings
+    body, length = binary_body({"inputs": [binary_input("s", "BYTES", [2], len(payload))]}, payload)
+    with pytest.raises(InvalidInput, match=r"input s: shape \[2\] needs 2 elements, the binary data holds more"):
+        decode_v2_request(body, length)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("leaf", ["1.0", '"a"'])
+def test_v1_instances_nested_a_thousand_deep_are_refused(leaf: str) -> None:
+    with pytest.raises(InvalidInput, match=r'V1 request: "instances" is nested \d+ lists deep, more than 32'):
+        decode_v1_request(b'{"instances": [%s]}' % nested(1000, leaf).encode())

@@ -51,6 +51,8 @@ def test_a_rayms_error_raised_in_another_process_comes_back_as_itself():
     original = errors.ModelNotFound("m")
     wrapped = RayTaskError("load_model", "Traceback ...", original)
     assert as_rayms_error(wrapped) is original
+    # What an awaited call raises: Ray's subclass of both RayTaskError and the original's class.
+    assert as_rayms_error(wrapped.as_instanceof_cause()) is original
 
 
 def test_ray_refusals_and_deaths_are_retryable_and_foreign_errors_lose_ray_traceback():

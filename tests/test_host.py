@@ -62,6 +62,7 @@ class Agent:
         self.root = root
         self.fetched: list[str] = []
         self.evicted: list[str] = []
+        self.released: list[str] = []
 
     async def fetch(self, name, spec):
         self.fetched.append(name)
@@ -69,6 +70,9 @@ class Agent:
 
     async def evict(self, name, spec):
         self.evicted.append(name)
+
+    def release(self, name, spec):
+        self.released.append(name)
 
 
 class Reporter:
@@ -135,6 +139,10 @@ async def test_remote_artifacts_come_through_the_agent_and_loading_is_reported(m
     spec = ModelSpec(storage_uri="remote://rf/model.joblib", framework="sklearn")
     report = await host.load_model("b", spec, 3)
     assert agent.fetched == ["b"] and reporter.started == [("b", 3)]
+    assert agent.released == ["b"], "a load releases the artifact it fetched, so the cache may remove it"
+    with pytest.raises(ModelLoadError):
+        await host.load_model("c", ModelSpec(storage_uri="remote://corrupt/model.joblib", framework="sklearn"), 1)
+    assert agent.released == ["b", "c"], "a failed load releases it too"
     assert report.replica == "r1" and report.measured_bytes > 0
     assert [t["name"] for t in report.metadata["outputs"]]
     await host.stop()

@@ -84,3 +84,7 @@ class NodeArtifacts:
             self._agent = await asyncio.to_thread(existing_node_agent, self._settings)
         if self._agent is not None:  # no agent on this node: nothing of this model was copied here
             await call(self._agent.evict.remote(name, spec))
+
+    def release(self, name: str, spec: ModelSpec) -> None:
+        if self._agent is not None:  # fetch started it; the agent's pin expires anyway if this never arrives
+            self._agent.release.remote(name, spec)

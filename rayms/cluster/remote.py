@@ -22,11 +22,11 @@ T = TypeVar("T")
 
 def as_rayms_error(exc: BaseException) -> RaymsError:
     """The rayms error that ``exc``, raised by a call into another Ray process, stands for."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, RaymsError):  # first: Ray raises RayTaskError(<cause's class>), a RaymsError whose
+        return cause                   # text is Ray's traceback
     if isinstance(exc, RaymsError):
         return exc
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, RaymsError):
-        return cause
     if isinstance(exc, BackPressureError):
         return Overloaded("too many requests in flight; retry shortly")
     if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError)):

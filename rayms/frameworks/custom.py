@@ -16,6 +16,8 @@ rayms's only contract with the user's code::
         def metadata(self) -> dict:  # optional: {"inputs": [...], "outputs": [...]} as V2 {name, datatype, shape}
         def size_bytes(self) -> int: # optional: memory the loaded model holds (default: its files' size)
 
+``path`` is for ``load`` only: read there everything the model needs, since a copied artifact may leave the
+node's cache once the model is loaded (:mod:`rayms.agent`; a local path used in place stays).
 ``load`` gets the spec's parameters except ``implementation`` and rayms's own predict options; ``predict``
 gets those with the request's parameters over them. One array answers as the output ``predict``; a dict
 answers its names, and a request's V2 ``outputs`` pick among them. A ``ValueError``/``TypeError`` from
