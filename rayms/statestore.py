@@ -221,7 +221,7 @@ def _replace_atomically(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            handle.write(data)  # mkstemp made it 0600: the file keeps full URIs, credentials included
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -26,7 +26,8 @@ MODEL = "bad-sk"  # the target of bad requests: a scikit-learn classifier taking
 OTHER = "bad-ok"  # the model that must keep answering
 CORRUPT = "bad-corrupt"  # its artifact is not a pickle: loading fails, the model stays FAILED
 UNREACHABLE_URI = "http://127.0.0.1:1/models/unreachable/model.joblib"  # nothing listens on port 1
-LIMIT = 64 * 2**20  # the session server's max_request_bytes
+LIMIT = 64 * 2**20  # the session server's max_request_bytes: bodies with binary tensors
+JSON_LIMIT = 8 * 2**20  # its max_json_bytes: JSON bodies
 
 
 def v2(shape: list[int], data: list, datatype: str = "FP64", name: str = "input-0", **extra: Any) -> dict:
@@ -46,11 +47,13 @@ def binary_body(header_length_delta: int = 0, size_delta: int = 0) -> tuple[byte
     return header + tensor, headers
 
 
-def over_limit_chunks() -> Any:
-    """A body just over the limit, streamed without Content-Length (chunked), so only the reader can catch it."""
-    chunk = b" " * 2**20
-    for _ in range(LIMIT // len(chunk) + 1):
-        yield chunk
+def over_limit_chunks(limit: int) -> Any:
+    """A body just over ``limit``, streamed without Content-Length (chunked), so only the reader can catch it."""
+    def chunks():
+        chunk = b" " * 2**20
+        for _ in range(limit // len(chunk) + 1):
+            yield chunk
+    return chunks
 
 
 @dataclass(frozen=True)
@@ -160,10 +163,13 @@ TABLE: dict[str, Bad] = {
                                       f"/{MODEL}/../{MODEL}/", json=GOOD),
     "wrong method": Bad("GET", INFER, 405, "Method Not Allowed", INFER),
     # ---- too large
-    "body over the limit, streamed": Bad("POST", INFER, 413, f"exceeds the limit of {LIMIT} bytes", None,
-                                         data=over_limit_chunks),
-    "Content-Length over the limit": Bad("POST", INFER, 413, f"of {LIMIT + 1} bytes exceeds the limit", None,
-                                         declared_length=LIMIT + 1),
+    "JSON body over the limit, streamed": Bad("POST", INFER, 413, f"exceeds the limit of {JSON_LIMIT} bytes",
+                                              None, data=over_limit_chunks(JSON_LIMIT)),
+    "binary body over the limit, streamed": Bad("POST", INFER, 413, f"exceeds the limit of {LIMIT} bytes", None,
+                                                data=over_limit_chunks(LIMIT),
+                                                headers={"Inference-Header-Content-Length": "10"}),
+    "Content-Length over the limit": Bad("POST", INFER, 413, f"of {JSON_LIMIT + 1} bytes exceeds the limit", None,
+                                         declared_length=JSON_LIMIT + 1),
     # ---- repository loads
     "load: malformed JSON": Bad("POST", LOAD.format("bad-load"), 400, "not valid JSON", "bad-load", data=b"{'x'"),
     "load: unknown framework": Bad("POST", LOAD.format("bad-load"), 400, "framework 'tensorflow' is not supported",

@@ -222,3 +222,11 @@ def test_s3_state_uses_the_credentials_it_is_given(moto, no_ambient_credentials)
     [kept] = [k for k in keys if k.startswith("rayms/models.json.corrupt-")]
     assert client.get_object(Bucket="state-with-credentials", Key=kept)["Body"].read() == body[:-25]
     assert any(kept in p for p in damaged.problems)
+
+
+def test_the_state_file_is_readable_by_the_servers_user_only(tmp_path):
+    """It keeps full storage URIs (a restore needs them), credentials included."""
+    path = tmp_path / "models.json"
+    StateStore(str(path)).write([{"modelName": "m", "source": "api", "version": 1,
+                                  "modelSpec": {"storageUri": "https://u:secret@h/m.joblib", "framework": "sklearn"}}])
+    assert path.stat().st_mode & 0o777 == 0o600
