@@ -40,3 +40,30 @@ def prediction(response):
 
     output = next(o for o in response.json()["outputs"] if o["name"] == "predict")
     return np.asarray(output["data"], dtype=np.float64).reshape(output["shape"])
+
+
+KSERVE_PRELUDE = """import asyncio, json, sys
+import numpy as np
+import httpx
+from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+from kserve.protocol.infer_type import RequestedOutput
+from kserve.utils.utils import get_predict_input, get_predict_response
+"""
+
+
+def with_kserve(body: str, **values) -> dict:
+    """Run ``body`` (the inside of ``async def main(values) -> dict``, JSON in and out) in a process of its own
+    with KServe's package imported. KServe loads its generated gRPC messages into protobuf's default pool,
+    where tritonclient's gRPC messages define the same names (kserve/kserve#3099): the two cannot share the
+    test process."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    script = KSERVE_PRELUDE + "\nasync def main(values):\n" + textwrap.indent(textwrap.dedent(body), "    ") + \
+        "\n\nprint(json.dumps(asyncio.run(main(json.loads(sys.argv[1])))))\n"
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(values)], capture_output=True, text=True,
+                          timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -9,15 +9,13 @@ are compared with the in-process model here.
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
 from tests.model_factory import make_data, make_sklearn
+from tests.support import with_kserve
 
 MODEL = "conf-kserve"
 
@@ -34,16 +32,8 @@ def model(rayms_server, tmp_path_factory):
 
 
 def kserve(body: str, url: str, **values) -> dict:
-    """Run ``body`` (the inside of ``async def main(url, values) -> dict``) with KServe's client imported."""
-    script = "import asyncio, json, sys\nimport numpy as np\nimport httpx\n" \
-             "from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig\n" \
-             "from kserve.protocol.infer_type import RequestedOutput\n\n" \
-             "async def main(url, values):\n" + textwrap.indent(textwrap.dedent(body), "    ") + \
-             "\n\nprint(json.dumps(asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))))\n"
-    done = subprocess.run([sys.executable, "-c", script, url, json.dumps(values)], capture_output=True, text=True,
-                          timeout=180, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """Run ``body`` with KServe's client; ``url`` and ``values`` are its inputs."""
+    return with_kserve("url = values['url']\n" + textwrap.dedent(body), url=url, **values)
 
 
 def integral_rows(n: int = 6) -> np.ndarray:

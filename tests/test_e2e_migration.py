@@ -17,7 +17,7 @@ import tritonclient.http as triton
 
 from tests.conftest import Server, wait_for
 from tests.model_factory import make_data, make_lightgbm, make_onnx, make_sklearn, make_xgboost
-from tests.support import v2_body
+from tests.support import v2_body, with_kserve
 from tests.test_layouts import mlserver_mms_repository, write_json
 
 ROWS = make_data(n=5, seed=3)[0]
@@ -53,13 +53,18 @@ def boosters(rayms_server, tmp_path_factory):
 
 
 def test_boosters_answer_booster_predict_over_v1_and_v2(rayms_server, boosters):
-    from kserve.utils.utils import get_predict_input, get_predict_response
-
     for name, expected in boosters.items():
         want = np.asarray(expected(ROWS))  # Booster.predict in this process
         payload = {"instances": ROWS.tolist()}
-        # KServe's V1 answer, built by KServe's own request and response helpers around Booster.predict.
-        kserve = get_predict_response(payload, expected(get_predict_input(payload)), name)
+        # KServe's V1 answer, built by KServe's own request and response helpers around Booster.predict
+        # (in a process of its own: see tests.support.with_kserve).
+        kserve = with_kserve("""
+            given = get_predict_input(values["payload"])
+            response = get_predict_response(values["payload"], np.asarray(values["result"]), values["name"])
+            return {"input": np.asarray(given).tolist(), "response": response}
+        """, payload=payload, result=want.tolist(), name=name)
+        assert np.array_equal(kserve["input"], ROWS), "KServe hands Booster.predict these very rows"
+        kserve = kserve["response"]
         v1 = rayms_server.post(f"/v1/models/{name}:predict", json=payload)
         assert v1.status_code == 200, v1.text
         assert np.shape(v1.json()["predictions"]) == np.shape(kserve["predictions"]), name

@@ -162,10 +162,16 @@ def test_crd_spec_is_kserves_field_for_field():
     model = spec["properties"]["model"]
     assert sorted(model["required"]) == ["framework", "memory", "storageUri"]
     assert model["properties"]["memory"]["x-kubernetes-int-or-string"] is True
-    if KSERVE_CRD.is_file():  # exact parity with KServe's published schema
+    # rayms's own additions: optional, so every KServe manifest stays valid
+    extensions = {"sha256"}
+    assert not extensions & set(model["required"])
+    if KSERVE_CRD.is_file():  # otherwise exact parity with KServe's published schema
         kserve = yaml.safe_load(KSERVE_CRD.read_text())
         kserve_spec = kserve["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-        assert _strip_descriptions(spec) == _strip_descriptions(kserve_spec)
+        ours = copy.deepcopy(spec)
+        for name in extensions:
+            del ours["properties"]["model"]["properties"][name]
+        assert _strip_descriptions(ours) == _strip_descriptions(kserve_spec)
     status = schema["properties"]["status"]["properties"]
     condition = status["conditions"]["items"]
     assert set(condition["properties"]) == {"type", "status", "reason", "message",
