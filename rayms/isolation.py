@@ -47,12 +47,18 @@ class PredictRunner:
         self.check(model)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout_s
-        slots = self._slots.setdefault(model, asyncio.Semaphore(self._per_model))
-        try:
-            await asyncio.wait_for(slots.acquire(), timeout=self._timeout_s)
-        except asyncio.TimeoutError:
-            raise Overloaded(f"model {model}: all {self._per_model} of its predict threads are busy; "
-                             "retry shortly") from None
+        slots = self._slots.get(model)
+        if slots is None:
+            slots = self._slots[model] = asyncio.Semaphore(self._per_model)
+        if slots.locked():  # all of the model's threads busy: wait for one, up to the deadline
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await slots.acquire()
+            except TimeoutError:
+                raise Overloaded(f"model {model}: all {self._per_model} of its predict threads are busy; "
+                                 "retry shortly") from None
+        else:
+            await slots.acquire()  # free: no wait
         try:
             work = self._executor.submit(call)
         except BaseException:
@@ -61,8 +67,9 @@ class PredictRunner:
         # The model's thread is given back when the call really ends, not when the caller stops waiting.
         work.add_done_callback(lambda _: loop.call_soon_threadsafe(slots.release))
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(work), timeout=max(0.0, deadline - loop.time()))
-        except asyncio.TimeoutError:
+            async with asyncio.timeout_at(deadline):
+                result = await asyncio.wrap_future(work)
+        except TimeoutError:
             raise self._overran(model) from None
         self._overruns.pop(model, None)
         return result
