@@ -219,6 +219,23 @@ def _filesystem(uri: str, *, settings, timeout=None):
     return fsspec.filesystem(protocol, **options)
 
 
+def dataset_location(uri: str, *, settings):
+    """``(path, filesystem)`` of a Parquet dataset (file or folder) that batch scoring reads or writes.
+
+    The filesystem is a :mod:`pyarrow.fs` one, which Ray Data and pyarrow take as is: local paths,
+    ``file://`` and ``pvc://`` give the local filesystem; every remote scheme is the same fsspec backend as a
+    model download, with the same endpoint and credential variables, wrapped for pyarrow. The path is the
+    URI without its scheme, as the filesystem names it."""
+    from pyarrow import fs as pafs
+
+    local = local_source(uri, settings=settings)
+    if local is not None:
+        return str(local), pafs.LocalFileSystem()
+    filesystem = _filesystem(uri, settings=settings)
+    path = uri if scheme_of(uri) in ("http", "https") else filesystem._strip_protocol(uri).rstrip("/")
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(filesystem))
+
+
 def _s3_options(settings) -> dict:
     """Endpoint from the environment (botocore only knows the AWS_* names, KServe used S3_ENDPOINT)."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
