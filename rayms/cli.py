@@ -180,7 +180,8 @@ def _score(args: argparse.Namespace) -> int:
             args.input, args.output, models=specs, keys=_names(args.key), features=_names(args.features) or None,
             model=None if args.model_column else named[0][0], model_column=args.model_column,
             outputs=_names(args.outputs) or None, settings=settings, batch_size=args.batch_size,
-            workers=args.workers, overwrite=args.overwrite, address=args.address, num_cpus=args.num_cpus)
+            workers=args.workers, max_models_per_worker=args.max_models_per_worker, overwrite=args.overwrite,
+            address=args.address, num_cpus=args.num_cpus)
     except RaymsError as exc:
         print(f"rayms score: {exc}", file=sys.stderr)
         return 1
@@ -252,8 +253,8 @@ def parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser(
         "score", help="score a Parquet dataset with one model or a model per row, on Ray Data",
-        description="Score the Parquet file or folder INPUT (a path or any URI rayms can download models from) "
-                    "and write the key columns and the predictions as Parquet into the folder OUTPUT.")
+        description="Score the Parquet file or folder INPUT (a local path, or a file://, pvc://, s3://, gs:// or az:// "
+                    "URI) and write the key columns and the predictions as Parquet into the folder OUTPUT.")
     score.add_argument("input")
     score.add_argument("output")
     score.add_argument("--model", action="append", metavar="NAME[=URI[:FRAMEWORK]]",
@@ -271,8 +272,11 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--model-repository", help="take every sub-folder of this folder as a model")
     score.add_argument("--models", dest="models_file", help="take the models of a KServe models.json")
     score.add_argument("--overwrite", action="store_true", help="replace what OUTPUT holds")
-    score.add_argument("--batch-size", type=int, default=16384, help="rows per batch (default 16384)")
+    score.add_argument("--batch-size", type=int, default=131072,
+                       help="rows per batch, block and output file (default 131072; see README, Batch scoring)")
     score.add_argument("--workers", type=int, help="most scoring workers, one CPU each (default: all CPUs)")
+    score.add_argument("--max-models-per-worker", type=int, default=1000,
+                       help="models one worker keeps loaded, least recently used evicted first (default 1000)")
     score.add_argument("--address", help="Ray cluster to run on (auto: the one running here; default: start one)")
     score.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without --address")
     score.add_argument("--cache-dir", help="per-node artifact cache folder (default: the one rayms serve uses)")

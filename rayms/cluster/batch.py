@@ -87,7 +87,7 @@ def disconnect() -> None:
 
 def score(input: str, output: str, *, models: Mapping[str, ModelSpec], keys: Sequence[str],
           model: str | None = None, model_column: str | None = None, features: Sequence[str] | None = None,
-          outputs: Sequence[str] | None = None, settings: Settings | None = None, batch_size: int = 16384,
+          outputs: Sequence[str] | None = None, settings: Settings | None = None, batch_size: int = 131072,
           workers: int | None = None, max_models_per_worker: int = 1000, overwrite: bool = False,
           address: str | None = None, num_cpus: int | None = None) -> ScoreSummary:
     """Score the Parquet dataset at ``input`` and write keys plus predictions to the folder ``output``.
@@ -99,8 +99,10 @@ def score(input: str, output: str, *, models: Mapping[str, ModelSpec], keys: Seq
     (``predict``, ``predict_proba``; default: what serving answers). ``output`` must be empty or absent
     unless ``overwrite``. Runs on the Ray this process is connected to, else joins ``address`` or starts a
     local Ray with ``num_cpus`` (see :func:`connect`; it stays up for the next call). ``workers`` caps the
-    scoring actors (default: the cluster's CPUs). The request is checked against the input's columns before
-    Ray starts. Raises :class:`ScoringError`."""
+    scoring actors (default: the cluster's CPUs). ``batch_size`` rows are scored together and written as one
+    file: the larger, the fewer predict calls each model takes (a batch holds some rows of every model); the
+    smaller, the more workers share a small input and the less a stopped run leaves unwritten. The request
+    is checked against the input's columns before Ray starts. Raises :class:`ScoringError`."""
     settings = settings or Settings()
     source, source_fs = _location(input, settings)
     target, target_fs = _location(output, settings)
