@@ -27,6 +27,7 @@ user can observe:
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from rayms.repository import read_models_file, scan_repository
 PATH_COLUMN = "path"  # the column Ray Data's ``include_paths`` adds: each row's file, for error messages
 SUCCESS_MARKER = "_SUCCESS"
 FAILED_MARKER = "_FAILED"
+PARTIAL_PREFIX = "_writing-"  # a block's file while it is written
 
 
 # ------------------------------------------------------------------------------------------ where models come from
@@ -399,28 +401,47 @@ def _common_type(types: set[pa.DataType]) -> pa.DataType:
 
 
 # ------------------------------------------------------------------------------------------ the output folder
-def output_is_empty(filesystem, path: str) -> bool:
-    """Whether ``path`` does not exist or is an empty folder (scoring refuses to mix runs in one folder)."""
+def prepare_output(filesystem, path: str, *, overwrite: bool, uri: str) -> None:
+    """Make ``path`` an empty folder: refuse one that holds anything unless ``overwrite`` (then empty it), so
+    every file in it after a run is that run's."""
     from pyarrow import fs as pafs
 
     info = filesystem.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        return True
     if info.type == pafs.FileType.File:
-        return False
-    return not filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+        raise ScoringError(f"{uri} is a file; the output is a folder")
+    if info.type == pafs.FileType.Directory and filesystem.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if not overwrite:
+            raise ScoringError(f"{uri} is not empty; choose another output or overwrite it")
+        filesystem.delete_dir_contents(path)
+    filesystem.create_dir(path, recursive=True)
+
+
+def write_part(table: pa.Table, filesystem, folder: str) -> str:
+    """Write one scored block as its own file, whole or not at all: under a name readers skip (``_``), then
+    renamed into place. Returns the file's name."""
+    name = f"part-{uuid.uuid4().hex}.parquet"
+    partial = f"{folder.rstrip('/')}/{PARTIAL_PREFIX}{name}"
+    with filesystem.open_output_stream(partial) as out:
+        pq.write_table(table, out)
+    filesystem.move(partial, f"{folder.rstrip('/')}/{name}")
+    return name
 
 
 def settle_output(filesystem, path: str, *, error: str | None = None) -> tuple[int, int]:
-    """After a run: count the rows of every whole Parquet file in the output folder, remove any file cut
-    short by the stop (its footer is unreadable), and write the marker, ``_SUCCESS`` or ``_FAILED`` with
-    ``error``. Returns ``(rows, files)`` kept. Readers skip names that start with ``_``."""
+    """After a run: remove files a stop left half-written (``_writing-*``, or a footer that cannot be read),
+    count the rows of the whole ones, and write the marker, ``_SUCCESS`` or ``_FAILED`` holding ``error``.
+    Returns ``(rows, files)`` kept. Readers skip names that start with ``_``."""
     from pyarrow import fs as pafs
 
     rows = files = 0
     selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
     for info in filesystem.get_file_info(selector):
-        if info.type != pafs.FileType.File or not info.base_name.endswith(".parquet"):
+        if info.type != pafs.FileType.File:
+            continue
+        if info.base_name.startswith(PARTIAL_PREFIX):
+            filesystem.delete_file(info.path)
+            continue
+        if not info.base_name.endswith(".parquet"):
             continue
         try:
             with filesystem.open_input_file(info.path) as handle:

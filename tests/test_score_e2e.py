@@ -167,6 +167,53 @@ def test_the_score_command_on_s3_shows_progress_and_its_throughput(repo, tmp_pat
     assert_predictions(pq.read_table(tmp_path / "got"), truth, expected)
 
 
+def run_cli_in_terminal(*args: str, timeout_s: float = 400) -> tuple[int, str]:
+    """``rayms score ARGS`` with a pseudo-terminal as its stdout and stderr, as a user at a shell sees it."""
+    import pty
+    import threading
+
+    leader, follower = pty.openpty()
+    inherited = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "rayms.cli", "score", *args], cwd=ROOT, env=inherited,
+                            stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # read as it comes: a full terminal buffer would block the command
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the command exited and closed the terminal
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=10)
+        os.close(leader)
+    return code, b"".join(chunks).decode(errors="replace")
+
+
+def test_the_score_command_draws_progress_bars_on_a_terminal(repo, tmp_path):
+    root, expected = repo
+    truth = write_input(tmp_path / "in", files=2, rows=1000, seed=6)
+    code, screen = run_cli_in_terminal(str(tmp_path / "in"), str(tmp_path / "out"), "--model-column", "segment",
+                                       "--key", "id", "--model-repository", str(root), "--num-cpus", "2",
+                                       "--batch-size", "500", "--cache-dir", str(tmp_path / "cache"))
+    assert code == 0, screen[-3000:]
+    assert re.search(r"MapBatches\(_Worker\)\s+100%", screen), screen[-3000:]  # Ray Data's bar per operator
+    assert "scored 2000 rows into" in screen
+    assert_predictions(pq.read_table(tmp_path / "out"), truth, expected)
+
+
 def test_the_score_command_refuses_a_missing_column_before_starting_ray(repo, tmp_path):
     root, _ = repo
     write_input(tmp_path / "in", files=1, rows=10)

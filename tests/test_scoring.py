@@ -258,19 +258,34 @@ def test_model_specs_from_a_repository_a_models_file_and_here(repo, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the output folder
+def test_the_output_folder_is_this_runs_alone(tmp_path):
+    local = pafs.LocalFileSystem()
+    out = tmp_path / "out"
+    scoring.prepare_output(local, str(out), overwrite=False, uri="out/")
+    assert out.is_dir()
+    scoring.prepare_output(local, str(out), overwrite=False, uri="out/")  # empty: fine
+    (out / "old.parquet").write_bytes(b"x")
+    with pytest.raises(ScoringError, match="^out/ is not empty; choose another output or overwrite it$"):
+        scoring.prepare_output(local, str(out), overwrite=False, uri="out/")
+    scoring.prepare_output(local, str(out), overwrite=True, uri="out/")
+    assert list(out.iterdir()) == []
+    (tmp_path / "scores.txt").write_text("not a folder")
+    with pytest.raises(ScoringError, match="^scores.txt is a file; the output is a folder$"):
+        scoring.prepare_output(local, str(tmp_path / "scores.txt"), overwrite=True, uri="scores.txt")
+
+
 def test_a_stopped_run_keeps_whole_files_and_says_why(tmp_path):
     local = pafs.LocalFileSystem()
     out = tmp_path / "out"
-    assert scoring.output_is_empty(local, str(out))
     out.mkdir()
-    assert scoring.output_is_empty(local, str(out))
-    pq.write_table(pa.table({"id": np.arange(30)}), out / "a.parquet")
-    pq.write_table(pa.table({"id": np.arange(12)}), out / "b.parquet")
-    whole = (out / "a.parquet").read_bytes()
-    (out / "c.parquet").write_bytes(whole[: len(whole) // 2])  # cut short by the stop
-    assert not scoring.output_is_empty(local, str(out))
+    names = [scoring.write_part(pa.table({"id": np.arange(n)}), local, str(out)) for n in (30, 12)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names) and all(n.startswith("part-") for n in names)
+    whole = (out / names[0]).read_bytes()
+    (out / "part-cut.parquet").write_bytes(whole[: len(whole) // 2])  # cut short by a stop
+    (out / f"{scoring.PARTIAL_PREFIX}part-x.parquet").write_bytes(whole[:10])  # still being written
     rows, files = scoring.settle_output(local, str(out), error="model 'x' is not among the models given")
-    assert (rows, files) == (42, 2) and not (out / "c.parquet").exists()
+    assert (rows, files) == (42, 2)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "_FAILED"])
     assert (out / "_FAILED").read_text() == "model 'x' is not among the models given"
     assert pq.read_table(out).num_rows == 42  # readers skip the marker
     assert scoring.settle_output(local, str(tmp_path / "new")) == (0, 0) and (tmp_path / "new" / "_SUCCESS").exists()

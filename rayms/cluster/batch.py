@@ -6,21 +6,25 @@ serves the same models (``rayms score --address auto``). What it runs is :mod:`r
 * ``ray.data.read_parquet`` reads the input (a file or a folder, any scheme :mod:`rayms.storage` knows) with
   each row's file path, so errors can name the file, and cuts it into blocks of ``batch_size`` rows;
   ``map_batches`` hands them to an autoscaling pool of actors (one CPU each, at most ``workers``), each with
-  its own :class:`~rayms.scoring.ModelCache`; ``write_parquet`` writes each scored block to a file of its
-  own as soon as it is done.
+  its own :class:`~rayms.scoring.ModelCache`, and each writes the block it scored to a file of its own
+  before it takes the next. Not ``write_parquet``: its writes are tasks queued behind the scoring, and a
+  stop cancels the queued ones, and blocks already scored were lost (in one test run with one worker, all
+  eleven blocks scored before the bad one).
 * The input and the output are opened through a filesystem built here (endpoint options included) and used
   by Ray's tasks on every node, which find credentials in their own environment, as any Ray Data job does
   (a local Ray started by ``rayms score`` has the shell's); the workers that download models also get
   ``Settings.storage_env``, as serving's agents do.
-* A bad batch stops the run. Files written before it stay: every whole file in the output folder is kept (a
-  file cut short by the stop is removed), ``_FAILED`` holds the error, and the error says how many rows
-  were kept. A run that finishes writes ``_SUCCESS``. Readers skip both markers.
-* Ray Data shows its progress: bars on a terminal (with ``tqdm``), a log line every 10 s otherwise
-  (``RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL``).
+* A bad batch stops the run. Every block scored before it stays in the output, whole (written under a
+  ``_writing-`` name and renamed; a stop removes what was still being written), ``_FAILED`` holds the error,
+  and the error says how many rows were kept. A run that finishes writes ``_SUCCESS``. Readers skip names
+  that start with ``_``.
+* Ray Data shows its progress: its rich bars on a terminal (with ``rich`` installed), a log line every
+  10 s otherwise (``RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -51,15 +55,18 @@ class ScoreSummary:
 
 
 class _Worker:
-    """One Ray Data actor: a batch scorer whose models stay loaded between batches."""
+    """One Ray Data actor: a batch scorer whose models stay loaded between batches, writing what it scored."""
 
     def __init__(self, plan: scoring.ScorePlan, specs: Mapping[str, ModelSpec], settings: Settings,
-                 max_models: int, filesystem) -> None:
+                 max_models: int, source_fs, target_fs, target: str) -> None:
         self._score = scoring.BatchScorer(plan, scoring.ModelCache(specs, settings, max_models),
-                                          scoring.FileColumns(filesystem))
+                                          scoring.FileColumns(source_fs))
+        self._target_fs, self._target = target_fs, target
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self._score(batch)
+        scored = self._score(batch)
+        name = scoring.write_part(scored, self._target_fs, self._target)
+        return pa.table({"file": [name], "rows": [scored.num_rows]})
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -109,47 +116,57 @@ def score(input: str, output: str, *, models: Mapping[str, ModelSpec], keys: Seq
     schema = _schema(source_fs, source, input)
     plan = scoring.plan(schema, source=input, keys=keys, specs=models, model=model, model_column=model_column,
                         features=features, outputs=outputs)
-    if not overwrite and not scoring.output_is_empty(target_fs, target):
-        raise ScoringError(f"{output} is not empty; choose another output or overwrite it")
+    scoring.prepare_output(target_fs, target, overwrite=overwrite, uri=output)
     connect(address, num_cpus)
-    context = ray.data.DataContext.get_current()
-    wrapped = context.raise_original_map_exception
-    # A worker's ScoringError reaches the caller as itself (Ray Data's default wrapper would drop it).
-    context.raise_original_map_exception = True
-    try:
+    # A worker's ScoringError reaches the caller as itself (Ray Data's default wrapper would drop it), and a
+    # terminal shows Ray Data's rich progress bars (with Ray 2.60 its default tqdm bars stay blank in a driver).
+    with _data_context(raise_original_map_exception=True, use_ray_tqdm=False, enable_rich_progress_bars=True):
         started = time.monotonic()
-        _run(source, source_fs, target, target_fs, plan=plan, specs=models, settings=settings,
-             with_paths=scoring.PATH_COLUMN not in schema.names,  # else errors name rows only
-             batch_size=batch_size, workers=workers, max_models=max_models_per_worker, overwrite=overwrite)
-    except Exception as exc:
-        cause = _root_cause(exc)
-        message = str(cause) if isinstance(cause, RaymsError) else f"{type(cause).__name__}: {cause}"
-        rows, files = scoring.settle_output(target_fs, target, error=message)
-        raise ScoringError(f"{message} (the run stopped there; {output} keeps the {rows} rows in {files} files "
-                           f"scored before, and {scoring.FAILED_MARKER} holds this error)") from cause
-    finally:
-        context.raise_original_map_exception = wrapped
+        try:
+            _run(source, source_fs, target, target_fs, plan=plan, specs=models, settings=settings,
+                 with_paths=scoring.PATH_COLUMN not in schema.names,  # else errors name rows only
+                 batch_size=batch_size, workers=workers, max_models=max_models_per_worker)
+        except Exception as exc:
+            cause = _root_cause(exc)
+            message = str(cause) if isinstance(cause, RaymsError) else f"{type(cause).__name__}: {cause}"
+            rows, files = scoring.settle_output(target_fs, target, error=message)
+            raise ScoringError(f"{message} (the run stopped there; {output} keeps the {rows} rows in {files} "
+                               f"files scored before, and {scoring.FAILED_MARKER} holds this error)") from cause
     seconds = time.monotonic() - started
     rows, files = scoring.settle_output(target_fs, target)
     return ScoreSummary(output=output, rows=rows, files=files, seconds=round(seconds, 3))
 
 
 def _run(source: str, source_fs, target: str, target_fs, *, plan: scoring.ScorePlan, specs: Mapping[str, ModelSpec],
-         settings: Settings, with_paths: bool, batch_size: int, workers: int | None, max_models: int,
-         overwrite: bool) -> None:
+         settings: Settings, with_paths: bool, batch_size: int, workers: int | None, max_models: int) -> None:
     dataset = ray.data.read_parquet(source, filesystem=source_fs, columns=plan.columns(), include_paths=with_paths)
     # Ray reads a file into as few blocks as fit its block size (a million rows may be one); blocks of a batch
     # each spread the work over the workers and make the unit that is written, and kept, as a file.
     dataset = dataset.repartition(target_num_rows_per_block=batch_size)
     # The workers download models with the storage environment, as a serving replica's agent does.
     env = {"runtime_env": {"env_vars": dict(settings.storage_env)}} if settings.storage_env else {}
-    scored = dataset.map_batches(
+    written = dataset.map_batches(
         _Worker, fn_constructor_kwargs={"plan": plan, "specs": dict(specs), "settings": settings,
-                                        "max_models": max_models, "filesystem": source_fs},
+                                        "max_models": max_models, "source_fs": source_fs,
+                                        "target_fs": target_fs, "target": target},
         batch_size=batch_size, batch_format="pyarrow", num_cpus=1, **env,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers or _cluster_cpus()))
-    scored.write_parquet(target, filesystem=target_fs,
-                         mode=ray.data.SaveMode.OVERWRITE if overwrite else ray.data.SaveMode.APPEND)
+    for _ in written.iter_batches(batch_size=None):  # runs the pipeline; what each block wrote is on disk
+        pass
+
+
+@contextlib.contextmanager
+def _data_context(**values):
+    """Ray Data's settings for one run, the caller's own restored afterwards."""
+    context = ray.data.DataContext.get_current()
+    saved = {name: getattr(context, name) for name in values}
+    for name, value in values.items():
+        setattr(context, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(context, name, value)
 
 
 def _location(uri: str, settings: Settings):
