@@ -22,6 +22,9 @@ user can observe:
 * **Errors** are :class:`~rayms.errors.ScoringError` naming the file, the row (by its key values) and the
   model: a missing column, an unknown or missing model name, a list row of the wrong width, a model that
   cannot load or predict.
+* **The output folder** holds one run: it must be empty (or is emptied with ``overwrite``); each block is
+  written whole by the worker that scored it (:func:`write_part`), and at the end :func:`settle_output`
+  counts what is there and writes ``_SUCCESS`` or ``_FAILED``.
 """
 
 from __future__ import annotations
