@@ -1,7 +1,8 @@
 """The ``rayms`` command: argument parsing only.
 
 ``rayms serve`` starts Ray and the application here; ``rayms models list|load|unload`` and
-``rayms predict`` talk to a running server over HTTP (no Ray needed on the client side).
+``rayms predict`` talk to a running server over HTTP (no Ray needed on the client side); ``rayms score``
+scores a Parquet dataset with the same models on Ray Data (:mod:`rayms.cluster.batch`).
 """
 
 from __future__ import annotations
@@ -182,6 +183,48 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from rayms import scoring
+    from rayms.config import Settings
+    from rayms.errors import RaymsError
+
+    try:
+        named = [scoring.parse_model_arg(text) for text in args.model or []]
+        defined = {name: spec for name, spec in named if spec is not None}
+        specs = scoring.model_specs(url=args.url, model_repository=args.model_repository,
+                                    models_file=args.models_file, models=defined)
+        if not args.model_column and len(named) != 1:
+            raise SystemExit("rayms score: give --model-column, or exactly one --model for every row")
+        if args.model_column and len(defined) != len(named):
+            raise SystemExit("rayms score: with --model-column, --model defines a model: NAME=URI[:FRAMEWORK]")
+        settings = Settings(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+    except RaymsError as exc:
+        print(f"rayms score: {exc}", file=sys.stderr)
+        return 2
+    from rayms.cluster import batch
+
+    try:
+        summary = batch.score(
+            args.input, args.output, models=specs, keys=_names(args.key), features=_names(args.features) or None,
+            model=None if args.model_column else named[0][0], model_column=args.model_column,
+            outputs=_names(args.outputs) or None, settings=settings, batch_size=args.batch_size,
+            workers=args.workers, max_models_per_worker=args.max_models_per_worker, overwrite=args.overwrite,
+            address=args.address, num_cpus=args.num_cpus)
+    except RaymsError as exc:
+        print(f"rayms score: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        batch.disconnect()
+    print(f"scored {summary.rows} rows into {summary.files} files in {summary.output} in {summary.seconds:.1f} s "
+          f"({summary.rows_per_s:,.0f} rows/s)", flush=True)
+    return 0
+
+
+def _names(values: list[str] | None) -> list[str]:
+    """Column names given as repeated flags and/or comma-separated lists."""
+    return [name.strip() for value in values or [] for name in value.split(",") if name.strip()]
+
+
 def _size(value: Any) -> str:
     if not value:
         return "-"
@@ -245,6 +288,37 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--url", default=DEFAULT_URL)
     predict.add_argument("--token-file", help="file holding the token (default: $RAYMS_CONTROL_TOKEN)")
     predict.set_defaults(func=_predict)
+
+    score = commands.add_parser(
+        "score", help="score a Parquet dataset with one model or a model per row, on Ray Data",
+        description="Score the Parquet file or folder INPUT (a local path, or a file://, pvc://, s3://, gs:// or az:// "
+                    "URI) and write the key columns and the predictions as Parquet into the folder OUTPUT.")
+    score.add_argument("input")
+    score.add_argument("output")
+    score.add_argument("--model", action="append", metavar="NAME[=URI[:FRAMEWORK]]",
+                       help="the model for every row (NAME from the sources below), or, with --model-column, a "
+                            "model defined here (repeatable)")
+    score.add_argument("--model-column", help="the column naming each row's model")
+    score.add_argument("--key", action="append", required=True,
+                       help="key column(s) copied to the output next to the predictions (repeatable or a,b)")
+    score.add_argument("--features", action="append",
+                       help="feature columns by name, in the model's order (default: every other column, in "
+                            "the file's order; or one list column holding each row's features)")
+    score.add_argument("--outputs", action="append",
+                       help="model outputs to write, e.g. predict,predict_proba (default: what serving answers)")
+    score.add_argument("--url", help="take the models a running rayms lists (its /v2/repository/index)")
+    score.add_argument("--model-repository", help="take every sub-folder of this folder as a model")
+    score.add_argument("--models", dest="models_file", help="take the models of a KServe models.json")
+    score.add_argument("--overwrite", action="store_true", help="replace what OUTPUT holds")
+    score.add_argument("--batch-size", type=int, default=131072,
+                       help="rows per batch, block and output file (default 131072; see README, Batch scoring)")
+    score.add_argument("--workers", type=int, help="most scoring workers, one CPU each (default: all CPUs)")
+    score.add_argument("--max-models-per-worker", type=int, default=1000,
+                       help="models one worker keeps loaded, least recently used evicted first (default 1000)")
+    score.add_argument("--address", help="Ray cluster to run on (auto: the one running here; default: start one)")
+    score.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without --address")
+    score.add_argument("--cache-dir", help="per-node artifact cache folder (default: the one rayms serve uses)")
+    score.set_defaults(func=_score)
     return root
 
 

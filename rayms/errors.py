@@ -177,3 +177,19 @@ class RequestTimeout(RaymsError):
     """The client did not send its whole request body in time."""
 
     status_code = 408
+
+
+class ScoringError(RaymsError):
+    """Batch scoring stopped: a missing column, an unknown model, a row of the wrong width, or a model that
+    cannot load or predict. The message names where (file and row) and which model."""
+
+    status_code = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        # Ray Data appends its retry advice to the first argument of an error leaving a worker. The message
+        # kept here travels in the instance's __dict__, which unpickling restores after the arguments.
+        self.text = message
+
+    def __str__(self) -> str:
+        return getattr(self, "text", None) or super().__str__()

@@ -388,6 +388,23 @@ def _filesystem(uri: str, *, timeout_s: float, env: Mapping[str, str] | None = N
     return fsspec.filesystem(protocol, **options)
 
 
+def dataset_location(uri: str, *, settings):
+    """``(path, filesystem)`` of a Parquet dataset (file or folder) that batch scoring reads or writes.
+
+    The filesystem is a :mod:`pyarrow.fs` one, which Ray Data and pyarrow take as is: local paths,
+    ``file://`` and ``pvc://`` give the local filesystem; every remote scheme is the same fsspec backend as a
+    model download, with the same endpoint and credential variables, wrapped for pyarrow. The path is the
+    URI without its scheme, as the filesystem names it."""
+    from pyarrow import fs as pafs
+
+    local = local_source(uri, settings=settings)
+    if local is not None:
+        return str(local), pafs.LocalFileSystem()
+    filesystem = _filesystem(uri, timeout_s=settings.download_timeout_s)
+    path = uri if scheme_of(uri) in ("http", "https") else filesystem._strip_protocol(uri).rstrip("/")
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(filesystem))
+
+
 # s3fs keyword for each credential variable, taken from an explicit mapping only: without one, botocore
 # reads the same variables (and its other sources: profiles, web identity, instance metadata) itself.
 _S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "token",

@@ -16,7 +16,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.mark.parametrize("script", ["serve_bench.py", "lifecycle_bench.py", "profile_rayms.py", "k8s_bench.py",
-                                    "gen_models.py", "grpc_bench.py", "grpc_load.py"])
+                                    "gen_models.py", "grpc_bench.py", "grpc_load.py", "score_bench.py"])
 def test_each_benchmark_script_starts(script):
     done = subprocess.run([sys.executable, str(BENCH / script), "--help"], cwd=BENCH, capture_output=True,
                           text=True, timeout=120)
@@ -86,3 +86,15 @@ def test_the_grpc_load_generator_runs_a_tiny_load_and_counts_failures(tmp_path):
     assert summary["requests"] > 0 and summary["failures"]["UNAVAILABLE"] > 0
     assert summary["requests"] + summary["failures"]["UNAVAILABLE"] == len(calls)
     assert set(calls) <= {b"first", b"second body"} and 0 < summary["p50_us"] <= summary["max_us"]
+
+
+def test_the_scoring_benchmark_runs_on_a_tiny_table(tmp_path):
+    """All three ways (pandas, rayms score, HTTP) on 2,000 rows and 3 models, each checked row by row."""
+    done = subprocess.run([sys.executable, str(BENCH / "score_bench.py"), "--rows", "2000", "--models", "3",
+                           "--batch-size", "500", "--results", str(tmp_path)], cwd=BENCH, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "| rayms score, scoring |" in done.stdout and "| HTTP, " in done.stdout
+    record = json.loads(next(tmp_path.glob("score-*.json")).read_text())
+    assert record["rayms_score"]["rows"] == record["http"]["rows"] == record["pandas"]["rows"] == 2000
+    assert record["rayms_score"]["mismatches"] == record["http"]["mismatches"] == 0

@@ -11,6 +11,8 @@ implements them over Serve handles and Ray actors and defines the Serve deployme
 - :mod:`~rayms.cluster.handles`: the Protocol implementations over deployment handles;
 - :mod:`~rayms.cluster.agent`: the node's artifact agent actor;
 - :mod:`~rayms.cluster.deployments`: the deployment classes, their names, and the application graph;
+- :mod:`~rayms.cluster.grpc`: the gRPC service's binding to Serve;
+- :mod:`~rayms.cluster.batch`: batch scoring on Ray Data (:mod:`rayms.scoring` is its plain logic);
 - :mod:`~rayms.cluster.metrics` and :mod:`~rayms.cluster.serve_private`: Ray's metrics API, and the one use of
   Serve internals.
 """
