@@ -33,7 +33,7 @@ def repo(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("score-repo")
     expected = {
         "seg-a": mf.make_sklearn(root / "seg-a", kind="logreg")[1],
-        "seg-b": mf.make_xgboost(root / "seg-b")[1],
+        "seg-b": mf.make_xgboost(root / "seg-b", task="binary")[1],  # answers P(positive), one value a row
         "seg-c": mf.make_lightgbm(root / "seg-c", task="regression")[1],
     }
     return root, expected
@@ -98,8 +98,9 @@ def test_a_model_registered_with_a_running_server(rayms_server, repo, tmp_path):
                                rtol=1e-6)
     served = rayms_server.post("/v2/models/score-b/infer", json={"inputs": [
         {"name": "input-0", "shape": [5, 4], "datatype": "FP64", "data": x[:5].ravel().tolist()}]}).json()
-    assert next(o for o in served["outputs"] if o["name"] == "predict")["data"] == \
-        out.column("predict").to_pylist()[:5]
+    # the same float32 values (JSON writes a float32's shortest form, Parquet holds it widened to float64)
+    np.testing.assert_array_equal(np.float32(next(o for o in served["outputs"] if o["name"] == "predict")["data"]),
+                                  np.float32(out.column("predict").to_pylist()[:5]))
 
 
 def test_a_bad_row_stops_the_run_and_what_was_written_stays(ray_instance, repo, tmp_path):
