@@ -51,7 +51,9 @@ RAYMS = {"rayms": {}, "rayms-router": {"RAYMS_INGRESS": "router"},
          # one model replica instead of one per core: what the second core buys
          "rayms-1": {"RAYMS_NUM_REPLICAS": "1"},
          # without Serve's throughput-optimized settings, which rayms turns on (rayms/ray_env.py)
-         "rayms-serve-defaults": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}}
+         "rayms-serve-defaults": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
+         # predict on the event loop instead of in a thread with a deadline (no isolation): what isolation costs
+         "rayms-inline": {"RAYMS_PREDICT_THREADS": "0"}}
 SERVERS = ["floor", *peers.SERVERS, *RAYMS]
 DEFAULT_SERVERS = "floor,mlserver,kserve,rayms"
 

@@ -33,7 +33,8 @@ class PredictRunner:
 
     def __init__(self, *, threads: int, timeout_s: float, quarantine_after: int,
                  on_quarantine: QuarantineFn | None = None) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rayms-predict")
+        # threads=0: predict inline, on the event loop (no deadline, no isolation: the operator's choice)
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rayms-predict") if threads else None
         self._per_model = max(1, threads // 2)
         self._timeout_s = timeout_s
         self._quarantine_after = quarantine_after
@@ -45,6 +46,8 @@ class PredictRunner:
     async def run(self, model: str, call: Callable[[], T]) -> T:
         """``call()`` in a thread; :class:`PredictTimedOut` (504) when it overruns the deadline."""
         self.check(model)
+        if self._executor is None:
+            return call()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout_s
         slots = self._slots.get(model)
@@ -85,7 +88,8 @@ class PredictRunner:
         self._overruns.pop(model, None)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _overran(self, model: str) -> PredictTimedOut:
         count = self._overruns.get(model, 0) + 1
