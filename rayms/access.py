@@ -27,6 +27,7 @@ from urllib.parse import unquote, urlsplit
 
 from rayms.config import Settings
 from rayms.errors import Forbidden, Unauthorized
+from rayms.ports import is_loopback_address
 from rayms.redact import redact
 
 logger = logging.getLogger("rayms.access")
@@ -36,10 +37,11 @@ OPEN, INFERENCE, CONTROL, CHANGE = "open", "inference", "control", "change"
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (a bind address or name) is this machine only."""
-    if host in ("localhost", "ip6-localhost"):
+    if is_loopback_address(host):
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        ipaddress.ip_address(host.strip("[]"))
+        return False  # an address, and not a loopback one
     except ValueError:
         try:
             return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))

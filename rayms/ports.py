@@ -9,6 +9,7 @@ default allocation uses: above Ray's worker ports (10002–19999) and below Serv
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import socket
 
@@ -28,3 +29,14 @@ def free_port(host: str = "127.0.0.1", *, attempts: int = 200) -> int:
                 continue
             return port
     raise OSError(f"no free port between {PORT_RANGE[0]} and {PORT_RANGE[1]} on {host}")
+
+
+def is_loopback_address(host: str) -> bool:
+    """Whether a bind address names this machine only (``127.0.0.0/8``, ``::1``, ``localhost``), without
+    asking DNS. The one rule of "bound to loopback" (:mod:`rayms.access` adds a DNS lookup for other names)."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -57,6 +57,7 @@ from fsspec.callbacks import Callback
 
 from rayms import archives
 from rayms.errors import StorageError
+from rayms.ports import is_loopback_address
 
 # scheme -> (fsspec protocol, package that implements it, rayms extra that installs it)
 BACKENDS: dict[str, tuple[str, str, str]] = {
@@ -298,7 +299,7 @@ def address_refusal(address: str, *, settings) -> str | None:
             ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if (ip.is_global and not ip.is_multicast) or settings.allow_private_http:
         return None
-    if ip.is_loopback and settings.trust_loopback and _binds_loopback(settings.host):
+    if ip.is_loopback and settings.trust_loopback and is_loopback_address(settings.host):
         return None
     kind = ("a loopback" if ip.is_loopback else "a link-local" if ip.is_link_local else
             "a multicast" if ip.is_multicast else "a private or reserved")
@@ -306,17 +307,6 @@ def address_refusal(address: str, *, settings) -> str | None:
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-def _binds_loopback(host: str) -> bool:
-    """Whether a bind address is loopback only (``127.0.0.1``, ``::1``, ``localhost``): the rule of
-    :func:`rayms.access.is_loopback`, which this layer cannot import."""
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _guarded_client(job: _Job):

@@ -138,3 +138,15 @@ def make_onnx(folder: Path | str, kind: str = "logreg", zipmap: bool = False) ->
     path = _target(folder, ".onnx")
     path.write_bytes(onx.SerializeToString())
     return path, _expect(model)
+
+
+def make_segment_models(root: Path | str) -> dict[str, Expected]:
+    """Three per-segment models of three frameworks in a model repository folder (``seg-a``: scikit-learn
+    classifier, ``seg-b``: XGBoost binary, answering P(positive), ``seg-c``: LightGBM regression), each
+    answering one value a row; returns their in-process answers by name."""
+    root = Path(root)
+    return {
+        "seg-a": make_sklearn(root / "seg-a", kind="logreg")[1],
+        "seg-b": make_xgboost(root / "seg-b", task="binary")[1],
+        "seg-c": make_lightgbm(root / "seg-c", task="regression")[1],
+    }

@@ -31,12 +31,7 @@ pytestmark = pytest.mark.timeout(600)
 def repo(tmp_path_factory) -> tuple[Path, dict]:
     """Three per-segment models of three frameworks (a model repository folder) and their in-process answers."""
     root = tmp_path_factory.mktemp("score-repo")
-    expected = {
-        "seg-a": mf.make_sklearn(root / "seg-a", kind="logreg")[1],
-        "seg-b": mf.make_xgboost(root / "seg-b", task="binary")[1],  # answers P(positive), one value a row
-        "seg-c": mf.make_lightgbm(root / "seg-c", task="regression")[1],
-    }
-    return root, expected
+    return root, mf.make_segment_models(root)
 
 
 def write_input(folder: Path, *, files: int = 3, rows: int = 1000, seed: int = 0) -> dict[int, tuple]:

@@ -28,12 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def repo(tmp_path_factory) -> tuple[Path, dict]:
     """Three per-segment models of three frameworks, and their in-process answers."""
     root = tmp_path_factory.mktemp("repo")
-    expected = {
-        "seg-a": mf.make_sklearn(root / "seg-a", kind="logreg")[1],
-        "seg-b": mf.make_xgboost(root / "seg-b", task="binary")[1],  # answers P(positive), one value a row
-        "seg-c": mf.make_lightgbm(root / "seg-c", task="regression")[1],
-    }
-    return root, expected
+    return root, mf.make_segment_models(root)
 
 
 @pytest.fixture
